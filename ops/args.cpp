@@ -1,0 +1,186 @@
+#include "ops/args.h"
+
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace statemamba::ops {
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  return o.str() + ']';
+}
+
+// One op's checks: remembers the op name and the reference tensor for device checks.
+struct Checker {
+  const char* op;
+  const at::Tensor& ref;  // the first input; every other tensor must share its device
+
+  void defined(const char* arg, const at::Tensor& t) const {
+    TORCH_CHECK(t.defined(), op, ": argument '", arg, "' is an undefined tensor");
+  }
+  void shape(const char* arg, const at::Tensor& t, std::vector<int64_t> want, const char* layout) const {
+    defined(arg, t);
+    TORCH_CHECK(t.sizes().vec() == want, op, ": argument '", arg, "' must have shape ", layout, " = ",
+                shape_str(want), ", got ", shape_str(t.sizes()));
+  }
+  void device(const char* arg, const at::Tensor& t) const {
+    TORCH_CHECK(t.device() == ref.device(), op, ": argument '", arg, "' is on ", t.device(),
+                " but the inputs are on ", ref.device());
+  }
+  void floating(const char* arg, const at::Tensor& t) const {
+    auto d = t.scalar_type();
+    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16, op,
+                ": argument '", arg, "' must be float32, float64, float16 or bfloat16, got ", d);
+  }
+  void same_dtype(const char* arg, const at::Tensor& t, const char* ref_arg, const at::Tensor& r) const {
+    TORCH_CHECK(t.scalar_type() == r.scalar_type(), op, ": argument '", arg, "' must have the dtype of '",
+                ref_arg, "' (", r.scalar_type(), "), got ", t.scalar_type());
+  }
+  // Parameters (A, D, biases, weights) may be float32 or the inputs' own dtype.
+  void param_dtype(const char* arg, const at::Tensor& t, at::ScalarType input) const {
+    auto d = t.scalar_type();
+    TORCH_CHECK(d == at::kFloat || d == input, op, ": argument '", arg, "' must be float32 or ", input,
+                " (the inputs' dtype), got ", d);
+  }
+  void state(const char* arg, const at::Tensor& t, std::vector<int64_t> want, const char* layout,
+             at::ScalarType dtype) const {
+    shape(arg, t, std::move(want), layout);
+    device(arg, t);
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": argument '", arg, "' must be ", dtype,
+                " (state is kept in float32, float64 for float64 inputs), got ", t.scalar_type());
+  }
+  void mask(const char* arg, const at::Tensor& t, std::vector<int64_t> want, const char* layout) const {
+    shape(arg, t, std::move(want), layout);
+    device(arg, t);
+    TORCH_CHECK(t.scalar_type() == at::kBool, op, ": argument '", arg, "' must be bool, got ", t.scalar_type());
+  }
+  void input(const char* arg, const at::Tensor& t, std::vector<int64_t> want, const char* layout,
+             const char* ref_arg) const {
+    shape(arg, t, std::move(want), layout);
+    device(arg, t);
+    same_dtype(arg, t, ref_arg, ref);
+  }
+  void param(const char* arg, const at::Tensor& t, std::vector<int64_t> want, const char* layout) const {
+    shape(arg, t, std::move(want), layout);
+    device(arg, t);
+    param_dtype(arg, t, ref.scalar_type());
+  }
+};
+
+}  // namespace
+
+ScanDims check_selective_scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                   const at::Tensor& B, const at::Tensor& C,
+                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                   const std::optional<at::Tensor>& delta_bias,
+                                   const std::optional<at::Tensor>& initial_state,
+                                   const std::optional<at::Tensor>& reset) {
+  Checker c{"selective_scan", u};
+  c.defined("u", u);
+  TORCH_CHECK(u.dim() == 3, "selective_scan: argument 'u' must have shape [batch, d_inner, L], got ",
+              shape_str(u.sizes()));
+  c.floating("u", u);
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  TORCH_CHECK(L >= 1, "selective_scan: sequence length L (u.size(2)) must be at least 1, got ", L);
+  c.defined("A", A);
+  TORCH_CHECK(A.dim() == 2, "selective_scan: argument 'A' must have shape [d_inner, d_state], got ",
+              shape_str(A.sizes()));
+  const int64_t N = A.size(1);
+  TORCH_CHECK(N >= 1, "selective_scan: d_state (A.size(1)) must be at least 1, got ", N);
+  c.param("A", A, {dim, N}, "[d_inner, d_state]");
+  c.input("delta", delta, {batch, dim, L}, "[batch, d_inner, L]", "u");
+  c.input("B", B, {batch, N, L}, "[batch, d_state, L]", "u");
+  c.input("C", C, {batch, N, L}, "[batch, d_state, L]", "u");
+  if (D) c.param("D", *D, {dim}, "[d_inner]");
+  if (z) c.input("z", *z, {batch, dim, L}, "[batch, d_inner, L]", "u");
+  if (delta_bias) c.param("delta_bias", *delta_bias, {dim}, "[d_inner]");
+  const auto sd = state_dtype_for(u.scalar_type());
+  if (initial_state) c.state("initial_state", *initial_state, {batch, dim, N}, "[batch, d_inner, d_state]", sd);
+  if (reset) c.mask("reset", *reset, {batch, L}, "[batch, L]");
+  return {batch, dim, N, L, sd};
+}
+
+ConvDims check_causal_conv1d_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& initial_state,
+                                  const std::optional<at::Tensor>& reset) {
+  Checker c{"causal_conv1d", x};
+  c.defined("x", x);
+  TORCH_CHECK(x.dim() == 3, "causal_conv1d: argument 'x' must have shape [batch, d_inner, L], got ",
+              shape_str(x.sizes()));
+  c.floating("x", x);
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2);
+  TORCH_CHECK(L >= 1, "causal_conv1d: sequence length L (x.size(2)) must be at least 1, got ", L);
+  c.defined("weight", weight);
+  TORCH_CHECK(weight.dim() == 2, "causal_conv1d: argument 'weight' must have shape [d_inner, width], got ",
+              shape_str(weight.sizes()));
+  const int64_t W = weight.size(1);
+  TORCH_CHECK(W >= 2 && W <= 8, "causal_conv1d: width (weight.size(1)) must be between 2 and 8, got ", W);
+  c.param("weight", weight, {dim, W}, "[d_inner, width]");
+  if (bias) c.param("bias", *bias, {dim}, "[d_inner]");
+  const auto sd = state_dtype_for(x.scalar_type());
+  if (initial_state) c.state("initial_state", *initial_state, {batch, dim, W - 1}, "[batch, d_inner, width-1]", sd);
+  if (reset) c.mask("reset", *reset, {batch, L}, "[batch, L]");
+  return {batch, dim, W, L, sd};
+}
+
+ScanDims check_selective_state_update_args(const at::Tensor& state, const at::Tensor& x,
+                                           const at::Tensor& dt, const at::Tensor& A,
+                                           const at::Tensor& B, const at::Tensor& C,
+                                           const std::optional<at::Tensor>& D,
+                                           const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& dt_bias,
+                                           const std::optional<at::Tensor>& reset) {
+  Checker c{"selective_state_update", x};
+  c.defined("x", x);
+  TORCH_CHECK(x.dim() == 2, "selective_state_update: argument 'x' must have shape [batch, d_inner], got ",
+              shape_str(x.sizes()));
+  c.floating("x", x);
+  const int64_t batch = x.size(0), dim = x.size(1);
+  c.defined("A", A);
+  TORCH_CHECK(A.dim() == 2, "selective_state_update: argument 'A' must have shape [d_inner, d_state], got ",
+              shape_str(A.sizes()));
+  const int64_t N = A.size(1);
+  TORCH_CHECK(N >= 1, "selective_state_update: d_state (A.size(1)) must be at least 1, got ", N);
+  c.param("A", A, {dim, N}, "[d_inner, d_state]");
+  const auto sd = state_dtype_for(x.scalar_type());
+  c.state("state", state, {batch, dim, N}, "[batch, d_inner, d_state]", sd);
+  c.input("dt", dt, {batch, dim}, "[batch, d_inner]", "x");
+  c.input("B", B, {batch, N}, "[batch, d_state]", "x");
+  c.input("C", C, {batch, N}, "[batch, d_state]", "x");
+  if (D) c.param("D", *D, {dim}, "[d_inner]");
+  if (z) c.input("z", *z, {batch, dim}, "[batch, d_inner]", "x");
+  if (dt_bias) c.param("dt_bias", *dt_bias, {dim}, "[d_inner]");
+  if (reset) c.mask("reset", *reset, {batch}, "[batch]");
+  return {batch, dim, N, 1, sd};
+}
+
+ConvDims check_causal_conv1d_update_args(const at::Tensor& x, const at::Tensor& conv_state,
+                                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& reset) {
+  Checker c{"causal_conv1d_update", x};
+  c.defined("x", x);
+  TORCH_CHECK(x.dim() == 2, "causal_conv1d_update: argument 'x' must have shape [batch, d_inner], got ",
+              shape_str(x.sizes()));
+  c.floating("x", x);
+  const int64_t batch = x.size(0), dim = x.size(1);
+  c.defined("weight", weight);
+  TORCH_CHECK(weight.dim() == 2, "causal_conv1d_update: argument 'weight' must have shape [d_inner, width], got ",
+              shape_str(weight.sizes()));
+  const int64_t W = weight.size(1);
+  TORCH_CHECK(W >= 2 && W <= 8, "causal_conv1d_update: width (weight.size(1)) must be between 2 and 8, got ", W);
+  c.param("weight", weight, {dim, W}, "[d_inner, width]");
+  if (bias) c.param("bias", *bias, {dim}, "[d_inner]");
+  const auto sd = state_dtype_for(x.scalar_type());
+  c.state("conv_state", conv_state, {batch, dim, W - 1}, "[batch, d_inner, width-1]", sd);
+  if (reset) c.mask("reset", *reset, {batch}, "[batch]");
+  return {batch, dim, W, 1, sd};
+}
+
+}  // namespace statemamba::ops

@@ -1,0 +1,47 @@
+#pragma once
+// Argument checks shared by every backend's kernels (CPU, CUDA, Meta), so that each op rejects bad
+// input with the same message wherever it runs. Internal: not installed.
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+namespace statemamba::ops {
+
+struct ScanDims {
+  int64_t batch, dim, dstate, seqlen;
+  at::ScalarType state_dtype;  // float32, or float64 for float64 inputs
+};
+
+struct ConvDims {
+  int64_t batch, dim, width, seqlen;
+  at::ScalarType state_dtype;
+};
+
+// Each checks shapes, dtypes and devices, and throws c10::Error naming the op, the argument, what
+// was expected and what came. The decode checks take seqlen = 1.
+ScanDims check_selective_scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                   const at::Tensor& B, const at::Tensor& C,
+                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                   const std::optional<at::Tensor>& delta_bias,
+                                   const std::optional<at::Tensor>& initial_state,
+                                   const std::optional<at::Tensor>& reset);
+ConvDims check_causal_conv1d_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& initial_state,
+                                  const std::optional<at::Tensor>& reset);
+ScanDims check_selective_state_update_args(const at::Tensor& state, const at::Tensor& x,
+                                           const at::Tensor& dt, const at::Tensor& A,
+                                           const at::Tensor& B, const at::Tensor& C,
+                                           const std::optional<at::Tensor>& D,
+                                           const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& dt_bias,
+                                           const std::optional<at::Tensor>& reset);
+ConvDims check_causal_conv1d_update_args(const at::Tensor& x, const at::Tensor& conv_state,
+                                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& reset);
+
+// The state dtype for inputs of dtype t: float64 stays, everything else accumulates in float32.
+inline at::ScalarType state_dtype_for(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace statemamba::ops

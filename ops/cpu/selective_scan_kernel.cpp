@@ -1,0 +1,255 @@
+// CPU selective scan: one sequential pass per (batch, channel) row, rows in parallel.
+// Inputs are converted once to the state dtype (float32, or float64) so the recurrence and its
+// accumulation run at state precision whatever the input dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/args.h"
+#include "ops/math.h"
+
+namespace statemamba::ops {
+namespace {
+
+// Checkpoint spacing for the backward pass: it stores the state every kChunk steps and recomputes
+// the steps in between, so memory is O(L/kChunk + kChunk) per row rather than O(L).
+constexpr int64_t kChunk = 64;
+
+struct ScanInputs {
+  at::Tensor u, delta, A, Bt, Ct, D, z, bias, h0, reset;  // Bt, Ct: [batch, L, N]
+};
+
+ScanInputs prepare(const ScanDims& dims, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                   const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                   const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                   const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& reset) {
+  const auto acc = dims.state_dtype;
+  auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  ScanInputs in;
+  in.u = as_acc(u);
+  in.delta = as_acc(delta);
+  in.A = as_acc(A);
+  in.Bt = B.to(acc).transpose(1, 2).contiguous();
+  in.Ct = C.to(acc).transpose(1, 2).contiguous();
+  if (D) in.D = as_acc(*D);
+  if (z) in.z = as_acc(*z);
+  if (delta_bias) in.bias = as_acc(*delta_bias);
+  if (initial_state) in.h0 = as_acc(*initial_state);
+  if (reset) in.reset = reset->contiguous();
+  return in;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Raw pointers of one (batch b, channel d) row.
+template <typename T>
+struct Row {
+  const T *u, *delta, *A, *Bt, *Ct, *z, *h0;
+  const bool* reset;
+  T D, bias;
+  bool softplus;
+  int64_t L, N;
+
+  Row(const ScanInputs& in, const ScanDims& s, int64_t b, int64_t d, bool softplus_)
+      : softplus(softplus_), L(s.seqlen), N(s.dstate) {
+    const int64_t row = b * s.dim + d;
+    u = in.u.data_ptr<T>() + row * L;
+    delta = in.delta.data_ptr<T>() + row * L;
+    A = in.A.data_ptr<T>() + d * N;
+    Bt = in.Bt.data_ptr<T>() + b * L * N;
+    Ct = in.Ct.data_ptr<T>() + b * L * N;
+    z = in.z.defined() ? in.z.data_ptr<T>() + row * L : nullptr;
+    h0 = in.h0.defined() ? in.h0.data_ptr<T>() + row * N : nullptr;
+    reset = in.reset.defined() ? in.reset.data_ptr<bool>() + b * L : nullptr;
+    D = in.D.defined() ? in.D.data_ptr<T>()[d] : T(0);
+    bias = in.bias.defined() ? in.bias.data_ptr<T>()[d] : T(0);
+  }
+  T dt_raw(int64_t t) const { return delta[t] + bias; }
+  T dt(int64_t t) const { return softplus ? ops::softplus(dt_raw(t)) : dt_raw(t); }
+  bool resets(int64_t t) const { return reset && reset[t]; }
+  // h <- exp(dt A) h + dt B_t u_t, with h zeroed first on a reset.
+  void step(T* h, int64_t t) const {
+    const T dt_t = dt(t), dtu = dt_t * u[t];
+    const T* Bv = Bt + t * N;
+    if (resets(t)) std::fill(h, h + N, T(0));
+    for (int64_t n = 0; n < N; ++n) h[n] = std::exp(dt_t * A[n]) * h[n] + dtu * Bv[n];
+  }
+  void load_initial(T* h) const {
+    if (h0) std::copy(h0, h0 + N, h);
+    else std::fill(h, h + N, T(0));
+  }
+};
+
+int64_t grain_for(const ScanDims& s) { return std::max<int64_t>(1, 32768 / (s.seqlen * s.dstate)); }
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& reset) {
+  const ScanDims s = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  const ScanInputs in = prepare(s, u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  auto y = at::empty({s.batch, s.dim, s.seqlen}, u.options().dtype(s.state_dtype));
+  auto final_state = at::empty({s.batch, s.dim, s.dstate}, u.options().dtype(s.state_dtype));
+  AT_DISPATCH_FLOATING_TYPES(s.state_dtype, "selective_scan_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, s.batch * s.dim, grain_for(s), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const Row<T> r(in, s, row / s.dim, row % s.dim, delta_softplus);
+        T* h = final_state.data_ptr<T>() + row * s.dstate;
+        T* out = y.data_ptr<T>() + row * s.seqlen;
+        r.load_initial(h);
+        for (int64_t t = 0; t < s.seqlen; ++t) {
+          r.step(h, t);
+          const T* Cv = r.Ct + t * s.dstate;
+          T acc = r.D * r.u[t];
+          for (int64_t n = 0; n < s.dstate; ++n) acc += Cv[n] * h[n];
+          if (r.z) acc *= silu(r.z[t]);
+          out[t] = acc;
+        }
+      }
+    });
+  });
+  return {y.to(u.scalar_type()), final_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+selective_scan_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_final_state,
+                            const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                            const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                            bool delta_softplus, const std::optional<at::Tensor>& initial_state,
+                            const std::optional<at::Tensor>& reset) {
+  const ScanDims s = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  TORCH_CHECK(grad_y.sizes() == u.sizes(), "selective_scan_backward: argument 'grad_y' must have the shape of u ",
+              u.sizes(), ", got ", grad_y.sizes());
+  const ScanInputs in = prepare(s, u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  const auto acc = s.state_dtype;
+  const auto opts = u.options().dtype(acc);
+  const at::Tensor gy = grad_y.to(acc).contiguous();
+  at::Tensor gfinal;
+  if (grad_final_state && grad_final_state->defined()) {
+    TORCH_CHECK(grad_final_state->sizes() == at::IntArrayRef({s.batch, s.dim, s.dstate}),
+                "selective_scan_backward: argument 'grad_final_state' must have shape [batch, d_inner, d_state]");
+    gfinal = grad_final_state->to(acc).contiguous();
+  }
+  const int64_t Bn = s.batch, Dn = s.dim, N = s.dstate, L = s.seqlen;
+  // dB and dC sum over channels: each task owns a group of channels and its own partial sums.
+  const int64_t groups = std::clamp<int64_t>((2 * at::get_num_threads() + Bn - 1) / Bn, 1, Dn);
+  const int64_t per_group = (Dn + groups - 1) / groups;
+  auto du = at::empty({Bn, Dn, L}, opts), ddelta = at::empty({Bn, Dn, L}, opts);
+  auto dz = z ? at::empty({Bn, Dn, L}, opts) : at::Tensor();
+  auto dA_rows = at::zeros({Bn, Dn, N}, opts), dD_rows = at::zeros({Bn, Dn}, opts);
+  auto dbias_rows = at::zeros({Bn, Dn}, opts);
+  auto dB_parts = at::zeros({Bn, groups, L, N}, opts), dC_parts = at::zeros({Bn, groups, L, N}, opts);
+  auto dh0 = at::empty({Bn, Dn, N}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_backward_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, Bn * groups, 1, [&](int64_t begin, int64_t end) {
+      const int64_t nchunks = (L + kChunk - 1) / kChunk;
+      std::vector<T> checkpoints(nchunks * N), states(kChunk * N), dh(N), prev(N);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / groups, g = task % groups;
+        T* dB = dB_parts.data_ptr<T>() + (b * groups + g) * L * N;
+        T* dC = dC_parts.data_ptr<T>() + (b * groups + g) * L * N;
+        for (int64_t d = g * per_group; d < std::min(Dn, (g + 1) * per_group); ++d) {
+          const Row<T> r(in, s, b, d, delta_softplus);
+          const int64_t row = b * Dn + d;
+          const T* gyr = gy.data_ptr<T>() + row * L;
+          T* du_r = du.data_ptr<T>() + row * L;
+          T* ddelta_r = ddelta.data_ptr<T>() + row * L;
+          T* dz_r = dz.defined() ? dz.data_ptr<T>() + row * L : nullptr;
+          T* dA_r = dA_rows.data_ptr<T>() + row * N;
+          T dD = 0, dbias = 0;
+          // Pass 1: the state before each chunk.
+          std::vector<T> h(N);
+          r.load_initial(h.data());
+          for (int64_t t = 0; t < L; ++t) {
+            if (t % kChunk == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (t / kChunk) * N);
+            r.step(h.data(), t);
+          }
+          // Pass 2: chunks in reverse; dh is the gradient w.r.t. the state after step t.
+          if (gfinal.defined()) std::copy_n(gfinal.data_ptr<T>() + row * N, N, dh.begin());
+          else std::fill(dh.begin(), dh.end(), T(0));
+          for (int64_t c = nchunks - 1; c >= 0; --c) {
+            const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+            std::copy_n(checkpoints.begin() + c * N, N, h.begin());
+            for (int64_t t = t0; t < t1; ++t) {
+              r.step(h.data(), t);
+              std::copy(h.begin(), h.end(), states.begin() + (t - t0) * N);
+            }
+            for (int64_t t = t1 - 1; t >= t0; --t) {
+              const T* ht = states.data() + (t - t0) * N;
+              // The state this step started from, after its reset.
+              if (r.resets(t)) std::fill(prev.begin(), prev.end(), T(0));
+              else if (t > t0) std::copy_n(states.data() + (t - t0 - 1) * N, N, prev.begin());
+              else std::copy_n(checkpoints.begin() + c * N, N, prev.begin());
+              const T* Bv = r.Bt + t * N;
+              const T* Cv = r.Ct + t * N;
+              T* dBv = dB + t * N;
+              T* dCv = dC + t * N;
+              T gyc = gyr[t];
+              if (r.z) {
+                T yc = r.D * r.u[t];
+                for (int64_t n = 0; n < N; ++n) yc += Cv[n] * ht[n];
+                dz_r[t] = gyc * yc * silu_grad(r.z[t]);
+                gyc *= silu(r.z[t]);
+              }
+              dD += gyc * r.u[t];
+              const T dt_raw = r.dt_raw(t);
+              const T dt = r.softplus ? softplus(dt_raw) : dt_raw;
+              T du_t = gyc * r.D, ddt = 0;
+              for (int64_t n = 0; n < N; ++n) {
+                dh[n] += gyc * Cv[n];
+                dCv[n] += gyc * ht[n];
+                const T a = std::exp(dt * r.A[n]);
+                dBv[n] += dh[n] * dt * r.u[t];
+                du_t += dh[n] * dt * Bv[n];
+                ddt += dh[n] * (Bv[n] * r.u[t] + prev[n] * a * r.A[n]);
+                dA_r[n] += dh[n] * prev[n] * a * dt;
+                dh[n] *= r.resets(t) ? T(0) : a;
+              }
+              const T ddt_raw = r.softplus ? ddt * softplus_grad(dt_raw) : ddt;
+              du_r[t] = du_t;
+              ddelta_r[t] = ddt_raw;
+              dbias += ddt_raw;
+            }
+          }
+          std::copy(dh.begin(), dh.end(), dh0.data_ptr<T>() + row * N);
+          dD_rows.data_ptr<T>()[row] = dD;
+          dbias_rows.data_ptr<T>()[row] = dbias;
+        }
+      }
+    });
+  });
+
+  auto like = [](const at::Tensor& g, const at::Tensor& ref) { return g.to(ref.scalar_type()); };
+  auto dB = like(dB_parts.sum(1).transpose(1, 2).contiguous(), B);
+  auto dC = like(dC_parts.sum(1).transpose(1, 2).contiguous(), C);
+  return {like(du, u),
+          like(ddelta, delta),
+          like(dA_rows.sum(0), A),
+          dB,
+          dC,
+          D ? like(dD_rows.sum(0), *D) : at::Tensor(),
+          z ? like(dz, *z) : at::Tensor(),
+          delta_bias ? like(dbias_rows.sum(0), *delta_bias) : at::Tensor(),
+          initial_state ? dh0.to(initial_state->scalar_type()) : at::Tensor()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(statemamba, CPU, m) {
+  m.impl("selective_scan", &selective_scan_cpu);
+  m.impl("selective_scan_backward", &selective_scan_backward_cpu);
+}
+
+}  // namespace statemamba::ops
