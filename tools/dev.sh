@@ -22,7 +22,8 @@ cmake_args=(-S "$root" -B "$build" -G Ninja -Wno-dev
   -DSTATEMAMBA_CUDA="${STATEMAMBA_CUDA:-ON}"
   -DCMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-90}")
 [ -x /usr/local/cuda/bin/nvcc ] && cmake_args+=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
-cmake "${cmake_args[@]}" >"$build.configure.log" 2>&1 || { mkdir -p "$build"; cat "$build.configure.log"; exit 1; }
+mkdir -p "$build"
+cmake "${cmake_args[@]}" >"$build/configure.log" 2>&1 || { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j "${STATEMAMBA_JOBS:-$(nproc)}"
 
 case "$job" in

@@ -1,0 +1,276 @@
+#include "mamba/modules.h"
+
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <cmath>
+
+#include "ops/args.h"
+#include "ops/ops.h"
+
+namespace statemamba {
+namespace {
+
+namespace nn = torch::nn;
+
+std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The held state of the seed API, shared by the mixer (one layer) and the model (the stack).
+template <typename Held>  // std::optional<State>, const or not
+auto& held_state(Held& held, const char* who) {
+  TORCH_CHECK(held.has_value(), who, ": no inference state is held; call set_inference_state first");
+  return *held;
+}
+
+template <typename State>
+void hold_state(std::optional<State>& held, const State& state, const StateSpec& spec, at::Device device,
+                at::ScalarType dtype) {
+  state.validate_for(spec, state.batch(), device, dtype);
+  held = state.detach().clone();
+}
+
+}  // namespace
+
+// ---- Norm ----------------------------------------------------------------------------------------
+
+NormImpl::NormImpl(int64_t dim, double eps, bool rms) : dim(dim), eps(eps), rms(rms) { reset(); }
+
+void NormImpl::reset() {
+  weight = register_parameter("weight", at::ones({dim}));
+  if (!rms) bias = register_parameter("bias", at::zeros({dim}));
+}
+
+at::Tensor NormImpl::forward(const at::Tensor& x) {
+  const auto acc = ops::state_dtype_for(x.scalar_type());
+  const auto xf = x.to(acc);
+  const auto y = rms ? xf * at::rsqrt(xf.square().mean(-1, /*keepdim=*/true) + eps) * weight.to(acc)
+                     : at::layer_norm(xf, {dim}, weight.to(acc), bias.to(acc), eps);
+  return y.to(x.scalar_type());
+}
+
+// ---- Mamba (the mixer) -----------------------------------------------------------------------------
+
+MambaImpl::MambaImpl(MambaConfig options) : options(std::move(options)) { reset(); }
+
+void MambaImpl::reset() {
+  options.validate();
+  spec = options.state_spec();
+  const int64_t d_model = options.d_model(), d_inner = options.d_inner(), d_state = options.d_state();
+  const int64_t dt_rank = options.resolved_dt_rank(), d_conv = options.d_conv();
+
+  in_proj = register_module("in_proj", nn::Linear(nn::LinearOptions(d_model, 2 * d_inner).bias(options.bias())));
+  conv1d = register_module("conv1d", nn::Conv1d(nn::Conv1dOptions(d_inner, d_inner, d_conv)
+                                                    .groups(d_inner)
+                                                    .padding(d_conv - 1)
+                                                    .bias(options.conv_bias())));
+  x_proj = register_module("x_proj", nn::Linear(nn::LinearOptions(d_inner, dt_rank + 2 * d_state).bias(false)));
+  dt_proj = register_module("dt_proj", nn::Linear(nn::LinearOptions(dt_rank, d_inner).bias(true)));
+  out_proj = register_module("out_proj", nn::Linear(nn::LinearOptions(d_inner, d_model).bias(options.bias())));
+
+  // S4D-real: A = -(1, 2, ..., d_state) in every channel.
+  A_log = register_parameter("A_log", at::log(at::arange(1, d_state + 1, at::kFloat)).repeat({d_inner, 1}));
+  D = register_parameter("D", at::ones({d_inner}));
+
+  torch::NoGradGuard no_grad;
+  const double std = 1.0 / std::sqrt(static_cast<double>(dt_rank));
+  dt_proj->weight.uniform_(-std, std);
+  // Δ starts log-uniform in [dt_min, dt_max] (floored); the bias is its inverse softplus, so that
+  // softplus(bias) = Δ when the projection contributes nothing.
+  const double lo = std::log(options.dt_min()), hi = std::log(options.dt_max());
+  const auto dt = at::exp(at::rand({d_inner}) * (hi - lo) + lo).clamp_min(options.dt_init_floor());
+  dt_proj->bias.copy_(dt + at::log(-at::expm1(-dt)));
+}
+
+at::ScalarType MambaImpl::state_dtype() const { return ops::state_dtype_for(in_proj->weight.scalar_type()); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> MambaImpl::dt_B_C(const at::Tensor& xc) const {
+  const int64_t dt_rank = options.resolved_dt_rank(), d_state = options.d_state();
+  const auto x_dbl = x_proj->forward(xc);
+  const auto dt = at::linear(x_dbl.narrow(-1, 0, dt_rank), dt_proj->weight);
+  return {dt, x_dbl.narrow(-1, dt_rank, d_state), x_dbl.narrow(-1, dt_rank + d_state, d_state)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> MambaImpl::ssm_params() const {
+  const auto t = state_dtype();
+  return {-at::exp(A_log.to(t)), D.to(t), dt_proj->bias.to(t)};
+}
+
+std::optional<at::Tensor> MambaImpl::conv_bias() const { return maybe(conv1d->bias); }
+
+at::Tensor MambaImpl::forward(const at::Tensor& x, MambaInferenceState* state, const OptionalMask& reset) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == options.d_model(),
+              "Mamba::forward: argument 'x' must have shape [batch, L, d_model] with d_model = ", options.d_model(),
+              ", got ", x.sizes());
+  if (state) state->validate_for(spec, x.size(0), x.device(), state_dtype());
+  const int64_t d_inner = options.d_inner();
+  // Channels first, as the ops take them: [batch, 2·d_inner, L] = (SSM input x; gate z).
+  const auto xz = in_proj->forward(x).transpose(1, 2);
+  const auto [xc, conv_state] =
+      ops::causal_conv1d(xz.narrow(1, 0, d_inner), conv1d->weight.squeeze(1), conv_bias(),
+                         state ? maybe(state->conv_state) : std::nullopt, reset, /*silu=*/true);
+  const auto [dt, B, C] = dt_B_C(xc.transpose(1, 2));
+  const auto [A, D_, dt_bias] = ssm_params();
+  const auto [y, ssm_state] =
+      ops::selective_scan(xc, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D_,
+                          xz.narrow(1, d_inner, d_inner), dt_bias, /*delta_softplus=*/true,
+                          state ? maybe(state->ssm_state) : std::nullopt, reset);
+  if (state) *state = {conv_state, ssm_state};
+  return out_proj->forward(y.transpose(1, 2));
+}
+
+at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, const OptionalMask& reset) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == options.d_model(),
+              "Mamba::step: argument 'x' must have shape [batch, d_model] with d_model = ", options.d_model(),
+              ", got ", x.sizes());
+  state.validate_for(spec, x.size(0), x.device(), state_dtype());
+  torch::NoGradGuard no_grad;  // the decode ops have no backward
+  const int64_t d_inner = options.d_inner();
+  const auto xz = in_proj->forward(x);
+  const auto xc = ops::causal_conv1d_update(xz.narrow(1, 0, d_inner), state.conv_state, conv1d->weight.squeeze(1),
+                                            conv_bias(), /*silu=*/true, reset);
+  const auto [dt, B, C] = dt_B_C(xc);
+  const auto [A, D_, dt_bias] = ssm_params();
+  const auto y = ops::selective_state_update(state.ssm_state, xc, dt, A, B, C, D_, xz.narrow(1, d_inner, d_inner),
+                                             dt_bias, /*dt_softplus=*/true, reset);
+  return out_proj->forward(y);
+}
+
+MambaInferenceState MambaImpl::get_inference_state() const {
+  return held_state(held_, "Mamba::get_inference_state").detach().clone();
+}
+
+void MambaImpl::set_inference_state(const MambaInferenceState& state) {
+  hold_state(held_, state, spec, in_proj->weight.device(), state_dtype());
+}
+
+MambaInferenceState& MambaImpl::inference_state() { return held_state(held_, "Mamba::inference_state"); }
+
+// ---- MambaBlock ----------------------------------------------------------------------------------
+
+MambaBlockImpl::MambaBlockImpl(MambaConfig options) : options(std::move(options)) { reset(); }
+
+void MambaBlockImpl::reset() {
+  mixer = register_module("mixer", Mamba(options));
+  norm = register_module("norm", Norm(options.d_model(), options.norm_eps(), options.rms_norm()));
+}
+
+std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::pre_norm(const at::Tensor& hidden, const at::Tensor& residual) {
+  at::Tensor r = residual.defined() ? hidden + residual : hidden;
+  at::Tensor h = norm->forward(r.to(norm->weight.scalar_type()));
+  // "fp32" means at least fp32: a float64 model keeps its residual in float64.
+  if (options.residual_in_fp32() && r.scalar_type() != at::kDouble) r = r.to(at::kFloat);
+  return {h, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::forward(const at::Tensor& hidden, const at::Tensor& residual,
+                                                           MambaInferenceState* state, const OptionalMask& reset) {
+  const auto [h, r] = pre_norm(hidden, residual);
+  return {mixer->forward(h, state, reset), r};
+}
+
+std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::step(const at::Tensor& hidden, const at::Tensor& residual,
+                                                        MambaInferenceState& state, const OptionalMask& reset) {
+  const auto [h, r] = pre_norm(hidden, residual);
+  return {mixer->step(h, state, reset), r};
+}
+
+// ---- MambaModel ----------------------------------------------------------------------------------
+
+MambaModelImpl::MambaModelImpl(MambaConfig options) : options(std::move(options)) { reset(); }
+
+void MambaModelImpl::reset() {
+  options.validate();
+  spec = options.state_spec();
+  embeddings = register_module("embeddings", nn::Embedding(options.padded_vocab_size(), options.d_model()));
+  layers = register_module("layers", nn::ModuleList());
+  for (int64_t i = 0; i < options.n_layer(); ++i) layers->push_back(MambaBlock(options));
+  norm_f = register_module("norm_f", Norm(options.d_model(), options.norm_eps(), options.rms_norm()));
+
+  // mamba_ssm's _init_weights (one residual branch per layer).
+  torch::NoGradGuard no_grad;
+  embeddings->weight.normal_(0, 0.02);
+  for (int64_t i = 0; i < options.n_layer(); ++i) {
+    const Mamba mixer = layer(i)->mixer;
+    for (const auto& linear : {mixer->in_proj, mixer->out_proj})
+      if (linear->bias.defined()) linear->bias.zero_();
+    // out_proj keeps its kaiming-uniform init, scaled down so the residual stream's variance
+    // does not grow with depth.
+    mixer->out_proj->weight.div_(std::sqrt(static_cast<double>(options.n_layer())));
+  }
+}
+
+at::ScalarType MambaModelImpl::state_dtype() const { return ops::state_dtype_for(embeddings->weight.scalar_type()); }
+
+MambaBlock MambaModelImpl::layer(int64_t i) const { return MambaBlock(layers->ptr<MambaBlockImpl>(i)); }
+
+void MambaModelImpl::check_state(const MambaStackState& state, const at::Tensor& input_ids) const {
+  state.validate_for(spec, input_ids.size(0), input_ids.device(), state_dtype());
+}
+
+at::Tensor MambaModelImpl::final_norm(const at::Tensor& hidden, const at::Tensor& residual) {
+  const at::Tensor r = residual.defined() ? hidden + residual : hidden;
+  return norm_f->forward(r.to(norm_f->weight.scalar_type()));
+}
+
+at::Tensor MambaModelImpl::forward(const at::Tensor& input_ids, MambaStackState* state, const OptionalMask& reset) {
+  TORCH_CHECK(input_ids.dim() == 2, "MambaModel::forward: argument 'input_ids' must have shape [batch, L], got ",
+              input_ids.sizes());
+  if (state) check_state(*state, input_ids);
+  at::Tensor hidden = embeddings->forward(input_ids), residual;
+  for (int64_t i = 0; i < options.n_layer(); ++i)
+    std::tie(hidden, residual) = layer(i)->forward(hidden, residual, state ? &state->layers[i] : nullptr, reset);
+  if (state) state->tokens += input_ids.size(1);
+  return final_norm(hidden, residual);
+}
+
+at::Tensor MambaModelImpl::step(const at::Tensor& input_ids, MambaStackState& state, const OptionalMask& reset) {
+  TORCH_CHECK(input_ids.dim() == 1, "MambaModel::step: argument 'input_ids' must have shape [batch], got ",
+              input_ids.sizes());
+  check_state(state, input_ids);
+  torch::NoGradGuard no_grad;
+  at::Tensor hidden = embeddings->forward(input_ids), residual;
+  for (int64_t i = 0; i < options.n_layer(); ++i)
+    std::tie(hidden, residual) = layer(i)->step(hidden, residual, state.layers[i], reset);
+  state.tokens += 1;
+  return final_norm(hidden, residual);
+}
+
+MambaStackState MambaModelImpl::get_inference_state() const {
+  return held_state(held_, "MambaModel::get_inference_state").detach().clone();
+}
+
+void MambaModelImpl::set_inference_state(const MambaStackState& state) {
+  hold_state(held_, state, spec, embeddings->weight.device(), state_dtype());
+}
+
+MambaStackState& MambaModelImpl::inference_state() { return held_state(held_, "MambaModel::inference_state"); }
+
+// ---- MambaLMHeadModel ----------------------------------------------------------------------------
+
+MambaLMHeadModelImpl::MambaLMHeadModelImpl(MambaConfig options) : options(std::move(options)) { reset(); }
+
+void MambaLMHeadModelImpl::reset() {
+  backbone = register_module("backbone", MambaModel(options));
+  if (!options.tie_embeddings())
+    lm_head = register_module(
+        "lm_head", nn::Linear(nn::LinearOptions(options.d_model(), options.padded_vocab_size()).bias(false)));
+}
+
+at::Tensor MambaLMHeadModelImpl::logits(const at::Tensor& hidden) {
+  return lm_head ? lm_head->forward(hidden) : at::linear(hidden, backbone->embeddings->weight);
+}
+
+at::Tensor MambaLMHeadModelImpl::forward(const at::Tensor& input_ids, MambaStackState* state,
+                                         const OptionalMask& reset) {
+  return logits(backbone->forward(input_ids, state, reset));
+}
+
+at::Tensor MambaLMHeadModelImpl::step(const at::Tensor& input_ids, MambaStackState& state, const OptionalMask& reset) {
+  const auto hidden = backbone->step(input_ids, state, reset);
+  torch::NoGradGuard no_grad;
+  return logits(hidden);
+}
+
+}  // namespace statemamba

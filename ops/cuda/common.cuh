@@ -1,0 +1,116 @@
+#pragma once
+// Device helpers shared by the CUDA kernels in ops/cuda and mamba/cuda. Internal: not installed.
+// Lighter than <ATen/ATen.h>, which dominates each file's compile time.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "ops/math.h"
+
+namespace statemamba::ops::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Input dtypes the fast kernels take (float64 goes to simple kernels): the lambda sees `scalar_t`
+// as float, at::Half or at::BFloat16 only, so no float64 instance of a fast kernel is compiled.
+#define SM_DISPATCH_FAST(TYPE, NAME, ...)                                                           \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                          \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                       \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+inline int pow2_ceil(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Accumulation type: float for float/half/bfloat16 inputs, double for double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+template <typename S, typename T> __device__ __forceinline__ S to(T v) { return static_cast<S>(v); }
+
+// exp(x) for the recurrence: one MUFU op on x pre-scaled by log2(e) (float); exact exp for double.
+__device__ __forceinline__ float exp_scaled(float x_log2e) { return exp2f(x_log2e); }
+__device__ __forceinline__ double exp_scaled(double x_log2e) { return exp2(x_log2e); }
+
+// ---- 16-byte asynchronous copies (sm_80+) into shared memory -----------------------------------
+// src_bytes < 16 zero-fills the rest of the 16 bytes; 0 reads nothing (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Copies rows [0, rows) × time [t0, t0 + Tc) of a row-major [*, L] tensor into smem [rows][Tc],
+// zero-filling rows >= valid_rows and times >= L. `aligned` (every row start 16-byte aligned and
+// L a multiple of the vector width) selects asynchronous 16-byte copies; otherwise plain loads.
+template <typename T, int Tc>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t L, int rows, int valid_rows, int64_t t0,
+                                          bool aligned, int tid, int nthreads) {
+  constexpr int V = 16 / sizeof(T);
+  static_assert(Tc % V == 0, "tile width must be a whole number of 16-byte vectors");
+  constexpr int per_row = Tc / V;
+  if (aligned) {
+    for (int e = tid; e < rows * per_row; e += nthreads) {
+      const int r = e / per_row, k = (e % per_row) * V;
+      const bool ok = r < valid_rows && t0 + k < L;
+      cp_async16(dst + r * Tc + k, ok ? src + r * L + t0 + k : src, ok ? 16 : 0);
+    }
+  } else {
+    for (int e = tid; e < rows * Tc; e += nthreads) {
+      const int r = e / Tc, k = e % Tc;
+      dst[e] = (r < valid_rows && t0 + k < L) ? src[r * L + t0 + k] : T(0);
+    }
+  }
+}
+
+// 8 consecutive elements through 16-byte accesses (p must be 16-byte aligned).
+template <typename T> __device__ __forceinline__ void load8(const T* p, T (&v)[8]) {
+  constexpr int n = 8 * sizeof(T) / 16;
+  uint4 buf[n];
+#pragma unroll
+  for (int i = 0; i < n; ++i) buf[i] = reinterpret_cast<const uint4*>(p)[i];
+  memcpy(&v, buf, sizeof(buf));
+}
+template <typename T> __device__ __forceinline__ void store8(T* p, const T (&v)[8]) {
+  constexpr int n = 8 * sizeof(T) / 16;
+  uint4 buf[n];
+  memcpy(buf, &v, sizeof(buf));
+#pragma unroll
+  for (int i = 0; i < n; ++i) reinterpret_cast<uint4*>(p)[i] = buf[i];
+}
+
+template <typename S> __device__ __forceinline__ S warp_sum(S v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Optional-tensor helpers for the host wrappers.
+inline at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
+  return t && t->defined() ? t->contiguous() : at::Tensor();
+}
+inline at::Tensor as_dtype(const std::optional<at::Tensor>& t, at::ScalarType s) {
+  return t && t->defined() ? t->to(s).contiguous() : at::Tensor();
+}
+template <typename T> inline const T* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+template <typename T> inline T* mptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+}  // namespace statemamba::ops::cuda

@@ -1,0 +1,798 @@
+// CUDA selective scan, forward and backward.
+//
+// Fast path (float32 / float16 / bfloat16 inputs, d_state <= 128): a block owns one batch row and
+// DT channels; each channel is split over G lanes that hold 4 states each in registers (DT·G = 128
+// threads), and every lane runs the recurrence sequentially over time. That keeps one exp2 (MUFU)
+// and three FMAs per (state, step) with no cross-thread scan, which is what bounds this op.
+// Time is walked in tiles: the next tile's u/delta/z/B/C are copied into shared memory with
+// cp.async while the current one is scanned; a prep pass turns each tile into Δ, Δ·u and
+// transposed float32 B/C once per element (not once per state lane), and y's partial sums over
+// the G lanes are reduced through shared memory and stored coalesced. Resets are a per-tile
+// bitmask (the block shares its batch row, so the branch is uniform). The kernel starts from
+// initial_state and writes the final state when it leaves the loop.
+//
+// Backward: a checkpointing forward pass (the same kernel) stores h every kTb steps; the backward
+// kernel walks tiles of kTb steps in reverse, recomputes the tile's states into registers from the
+// checkpoint, then runs the adjoint recurrence. dB/dC (sums over channels) are reduced over the
+// block's channels in shared memory and added to float32 buffers with atomics; dA/dD/ddelta_bias
+// accumulate per thread and are added once per block.
+//
+// Simple path (float64, or d_state > 128): one thread per (batch, channel) row, state in global
+// memory, the CPU kernel's algorithm.
+#include <torch/library.h>
+
+#include "ops/args.h"
+#include "ops/cuda/common.cuh"
+#include "ops/math.h"
+
+namespace statemamba::ops {
+namespace {
+
+using namespace statemamba::ops::cuda;
+
+constexpr int kThreads = 128;
+constexpr int kStates = 4;     // states per lane
+constexpr int kMaxFastN = 128;  // G <= 32 lanes per channel
+constexpr int kTf = 32;        // forward time tile
+constexpr int kTb = 16;        // backward time tile = checkpoint spacing
+constexpr int kSub = 8;        // backward steps per dB/dC block reduction
+constexpr int kPad = 4;        // floats of padding per shared row (keeps 16-byte rows off one bank)
+
+template <typename T>
+struct ScanParams {
+  const T *u, *delta, *z, *B, *C, *gy;
+  const float *A, *D, *bias, *h0, *gfinal;
+  const bool* reset;
+  T *y, *du, *ddelta, *dz;
+  float *hT, *ckpt, *dh0, *dA, *dB, *dC, *dD, *dbias;
+  int batch, dim, dstate, G;
+  int64_t L;
+  bool softplus, aligned;
+};
+
+__host__ __device__ inline size_t round16(size_t b) { return (b + 15) & ~size_t(15); }
+
+// Shared-memory layout of both kernels (byte offsets), from the lane split and the input width.
+struct Layout {
+  size_t stage, stage0, dt, dtu, gyc, Bf, Cf, p1, p2, red, dD, db, mask, total;
+};
+
+// kRows: how many [DT][Tc] input tiles a stage holds (u, delta, z; + grad_y in backward).
+__host__ __device__ inline Layout make_layout(int Tc, int rows_tiles, bool backward, int G, int N, int elem) {
+  const int DT = kThreads / G, Np = kStates * G;
+  Layout l{};
+  size_t o = 0;
+  l.stage = round16(size_t(rows_tiles * DT + 2 * N) * Tc * elem);
+  l.stage0 = o, o += 2 * l.stage;
+  l.dt = o, o += round16(size_t(DT) * (Tc + kPad) * 4);
+  l.dtu = o, o += round16(size_t(DT) * (Tc + kPad) * 4);
+  l.gyc = o, o += backward ? round16(size_t(DT) * (Tc + kPad) * 4) : 0;
+  l.Bf = o, o += round16(size_t(Tc) * (Np + kPad) * 4);
+  l.Cf = o, o += round16(size_t(Tc) * (Np + kPad) * 4);
+  l.p1 = o, o += round16(size_t(kThreads) * (Tc + kPad) * 4);
+  l.p2 = o, o += backward ? round16(size_t(kThreads) * (Tc + kPad) * 4) : 0;
+  l.red = o, o += backward ? round16(size_t(2) * kSub * DT * Np * 4) : 0;
+  l.dD = o, o += backward ? round16(size_t(DT) * 4) : 0;
+  l.db = o, o += backward ? round16(size_t(DT) * 4) : 0;
+  l.mask = o, o += 16;
+  l.total = o;
+  return l;
+}
+
+// ---- forward (also the checkpointing pass of the backward) ---------------------------------------
+
+template <typename T, bool kCkpt>
+__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate;
+  const int64_t L = p.L;
+  const int tid = threadIdx.x, dl = tid / G, g = tid % G;
+  const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
+  const int rows = min(DT, p.dim - d0);
+  const bool active = dl < rows;
+  const Layout lay = make_layout(kTf, 3, false, G, N, sizeof(T));
+  T* stage[2] = {reinterpret_cast<T*>(smem + lay.stage0), reinterpret_cast<T*>(smem + lay.stage0 + lay.stage)};
+  float* s_dt = reinterpret_cast<float*>(smem + lay.dt);
+  float* s_dtu = reinterpret_cast<float*>(smem + lay.dtu);
+  float* s_B = reinterpret_cast<float*>(smem + lay.Bf);
+  float* s_C = reinterpret_cast<float*>(smem + lay.Cf);
+  float* s_y = reinterpret_cast<float*>(smem + lay.p1);
+  unsigned* s_mask = reinterpret_cast<unsigned*>(smem + lay.mask);
+  constexpr int RS = kTf + kPad;  // row stride of the [DT][Tc] float tiles
+  const int BS = Np + kPad;       // row stride of the [Tc][Np] float tiles
+  const int uo = 0, delo = DT * kTf, zo = 2 * DT * kTf, Bo = 3 * DT * kTf, Co = Bo + N * kTf;
+
+  const int64_t row0 = int64_t(b) * p.dim + d0;
+  const T* gu = p.u + row0 * L;
+  const T* gdelta = p.delta + row0 * L;
+  const T* gz = p.z ? p.z + row0 * L : nullptr;
+  const T* gB = p.B + int64_t(b) * N * L;
+  const T* gC = p.C + int64_t(b) * N * L;
+
+  float A2[kStates], h[kStates];
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) {
+    const int n = kStates * g + i;
+    const bool ok = active && n < N;
+    A2[i] = ok ? p.A[int64_t(d) * N + n] * kLog2e : 0.f;
+    h[i] = ok && p.h0 ? p.h0[(int64_t(b) * p.dim + d) * N + n] : 0.f;
+  }
+  auto issue = [&](int c, int s) {
+    const int64_t t0 = int64_t(c) * kTf;
+    T* st = stage[s];
+    load_tile<T, kTf>(st + uo, gu, L, DT, rows, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTf>(st + delo, gdelta, L, DT, rows, t0, p.aligned, tid, kThreads);
+    if (!kCkpt && gz) load_tile<T, kTf>(st + zo, gz, L, DT, rows, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTf>(st + Bo, gB, L, N, N, t0, p.aligned, tid, kThreads);
+    if (!kCkpt) load_tile<T, kTf>(st + Co, gC, L, N, N, t0, p.aligned, tid, kThreads);
+    cp_async_commit();
+  };
+
+  const int nch = int((L + kTf - 1) / kTf);
+  const int nck = int((L + kTb - 1) / kTb);
+  issue(0, 0);
+  for (int c = 0; c < nch; ++c) {
+    const int64_t t0 = int64_t(c) * kTf;
+    const T* st = stage[c & 1];
+    cp_async_wait_all();
+    __syncthreads();  // tile c is in; every thread is done with tile c-1
+    if (c + 1 < nch) issue(c + 1, (c + 1) & 1);
+
+    // Prep: Δ and Δ·u once per element; B/C to float32 [t][n] (padding steps get Δ = 0: no-op).
+    for (int e = tid; e < DT * kTf; e += kThreads) {
+      const int r = e / kTf, k = e % kTf;
+      float dt = 0.f, dtu = 0.f;
+      if (r < rows && t0 + k < L) {
+        const float x = to<float>(st[delo + e]) + (p.bias ? p.bias[d0 + r] : 0.f);
+        dt = p.softplus ? softplus(x) : x;
+        dtu = dt * to<float>(st[uo + e]);
+      }
+      s_dt[r * RS + k] = dt;
+      s_dtu[r * RS + k] = dtu;
+    }
+    for (int e = tid; e < Np * kTf; e += kThreads) {
+      const int n = e / kTf, k = e % kTf;
+      const bool ok = n < N && t0 + k < L;
+      s_B[k * BS + n] = ok ? to<float>(st[Bo + n * kTf + k]) : 0.f;
+      if (!kCkpt) s_C[k * BS + n] = ok ? to<float>(st[Co + n * kTf + k]) : 0.f;
+    }
+    if (tid < 32) {
+      const bool r = p.reset && t0 + tid < L && p.reset[int64_t(b) * L + t0 + tid];
+      const unsigned m = __ballot_sync(0xffffffffu, r);
+      if (tid == 0) *s_mask = m;
+    }
+    __syncthreads();
+
+    // Scan.
+    const unsigned mask = *s_mask;
+    const float* my_dt = s_dt + dl * RS;
+    const float* my_dtu = s_dtu + dl * RS;
+    float* my_y = s_y + tid * RS;
+#pragma unroll
+    for (int j4 = 0; j4 < kTf / 4; ++j4) {
+      if (kCkpt && (4 * j4) % kTb == 0) {
+        const int64_t t = t0 + 4 * j4;
+        if (active && t < L)
+          *reinterpret_cast<float4*>(p.ckpt + ((int64_t(b) * nck + t / kTb) * p.dim + d) * Np + kStates * g) =
+              make_float4(h[0], h[1], h[2], h[3]);
+      }
+      const float4 dt4 = *reinterpret_cast<const float4*>(my_dt + 4 * j4);
+      const float4 dtu4 = *reinterpret_cast<const float4*>(my_dtu + 4 * j4);
+      const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+      float yv[4];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int k = 4 * j4 + jj;
+        const float4 Bv = *reinterpret_cast<const float4*>(s_B + k * BS + kStates * g);
+        const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
+        if (mask & (1u << k)) {
+#pragma unroll
+          for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < kStates; ++i) h[i] = fmaf(exp_scaled(dts[jj] * A2[i]), h[i], dtus[jj] * Bs[i]);
+        if (!kCkpt) {
+          const float4 Cv = *reinterpret_cast<const float4*>(s_C + k * BS + kStates * g);
+          float acc = 0.f;
+          acc = fmaf(Cv.x, h[0], acc);
+          acc = fmaf(Cv.y, h[1], acc);
+          acc = fmaf(Cv.z, h[2], acc);
+          acc = fmaf(Cv.w, h[3], acc);
+          yv[jj] = acc;
+        }
+      }
+      if (!kCkpt) *reinterpret_cast<float4*>(my_y + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
+    }
+
+    // Epilogue: y = (Σ over lanes + D·u) · silu(z), one coalesced row segment per warp.
+    if (!kCkpt) {
+      __syncthreads();
+      for (int e = tid; e < DT * kTf; e += kThreads) {
+        const int r = e / kTf, k = e % kTf;
+        if (r < rows && t0 + k < L) {
+          float acc = 0.f;
+          for (int gg = 0; gg < G; ++gg) acc += s_y[(r * G + gg) * RS + k];
+          const float Dr = p.D ? p.D[d0 + r] : 0.f;
+          acc = fmaf(Dr, to<float>(st[uo + e]), acc);
+          if (gz) acc *= silu(to<float>(st[zo + e]));
+          p.y[(row0 + r) * L + t0 + k] = T(acc);
+        }
+      }
+    }
+  }
+  if (!kCkpt && active && p.hT) {
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) {
+      const int n = kStates * g + i;
+      if (n < N) p.hT[(int64_t(b) * p.dim + d) * N + n] = h[i];
+    }
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate;
+  const int64_t L = p.L;
+  const int tid = threadIdx.x, dl = tid / G, g = tid % G;
+  const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
+  const int rows = min(DT, p.dim - d0);
+  const bool active = dl < rows;
+  const Layout lay = make_layout(kTb, 4, true, G, N, sizeof(T));
+  T* stage[2] = {reinterpret_cast<T*>(smem + lay.stage0), reinterpret_cast<T*>(smem + lay.stage0 + lay.stage)};
+  float* s_dt = reinterpret_cast<float*>(smem + lay.dt);
+  float* s_dtu = reinterpret_cast<float*>(smem + lay.dtu);
+  float* s_gyc = reinterpret_cast<float*>(smem + lay.gyc);
+  float* s_B = reinterpret_cast<float*>(smem + lay.Bf);
+  float* s_C = reinterpret_cast<float*>(smem + lay.Cf);
+  float* s_p1 = reinterpret_cast<float*>(smem + lay.p1);
+  float* s_p2 = reinterpret_cast<float*>(smem + lay.p2);
+  float* s_red = reinterpret_cast<float*>(smem + lay.red);
+  float* s_dD = reinterpret_cast<float*>(smem + lay.dD);
+  float* s_db = reinterpret_cast<float*>(smem + lay.db);
+  unsigned* s_mask = reinterpret_cast<unsigned*>(smem + lay.mask);
+  constexpr int RS = kTb + kPad;
+  const int BS = Np + kPad;
+  const int uo = 0, delo = DT * kTb, zo = 2 * DT * kTb, gyo = 3 * DT * kTb, Bo = 4 * DT * kTb, Co = Bo + N * kTb;
+
+  const int64_t row0 = int64_t(b) * p.dim + d0;
+  const T* gu = p.u + row0 * L;
+  const T* gdelta = p.delta + row0 * L;
+  const T* gz = p.z ? p.z + row0 * L : nullptr;
+  const T* ggy = p.gy + row0 * L;
+  const T* gB = p.B + int64_t(b) * N * L;
+  const T* gC = p.C + int64_t(b) * N * L;
+
+  float A2[kStates], dh[kStates], dAacc[kStates];
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) {
+    const int n = kStates * g + i;
+    const bool ok = active && n < N;
+    A2[i] = ok ? p.A[int64_t(d) * N + n] * kLog2e : 0.f;
+    dh[i] = ok && p.gfinal ? p.gfinal[(int64_t(b) * p.dim + d) * N + n] : 0.f;
+    dAacc[i] = 0.f;
+  }
+  if (tid < DT) s_dD[tid] = s_db[tid] = 0.f;
+
+  auto issue = [&](int c, int s) {
+    const int64_t t0 = int64_t(c) * kTb;
+    T* st = stage[s];
+    load_tile<T, kTb>(st + uo, gu, L, DT, rows, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTb>(st + delo, gdelta, L, DT, rows, t0, p.aligned, tid, kThreads);
+    if (gz) load_tile<T, kTb>(st + zo, gz, L, DT, rows, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTb>(st + gyo, ggy, L, DT, rows, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTb>(st + Bo, gB, L, N, N, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTb>(st + Co, gC, L, N, N, t0, p.aligned, tid, kThreads);
+    cp_async_commit();
+  };
+
+  const int nch = int((L + kTb - 1) / kTb);
+  issue(nch - 1, (nch - 1) & 1);
+  for (int c = nch - 1; c >= 0; --c) {
+    const int64_t t0 = int64_t(c) * kTb;
+    const T* st = stage[c & 1];
+    float hst[kStates] = {0.f, 0.f, 0.f, 0.f};
+    if (active) {
+      const float4 v =
+          *reinterpret_cast<const float4*>(p.ckpt + ((int64_t(b) * nch + c) * p.dim + d) * Np + kStates * g);
+      hst[0] = v.x, hst[1] = v.y, hst[2] = v.z, hst[3] = v.w;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    if (c > 0) issue(c - 1, (c - 1) & 1);
+
+    for (int e = tid; e < DT * kTb; e += kThreads) {
+      const int r = e / kTb, k = e % kTb;
+      float dt = 0.f, dtu = 0.f, gy = 0.f;
+      if (r < rows && t0 + k < L) {
+        const float x = to<float>(st[delo + e]) + (p.bias ? p.bias[d0 + r] : 0.f);
+        dt = p.softplus ? softplus(x) : x;
+        dtu = dt * to<float>(st[uo + e]);
+        gy = to<float>(st[gyo + e]);
+      }
+      s_dt[r * RS + k] = dt;
+      s_dtu[r * RS + k] = dtu;
+      if (!gz) s_gyc[r * RS + k] = gy;
+    }
+    for (int e = tid; e < Np * kTb; e += kThreads) {
+      const int n = e / kTb, k = e % kTb;
+      const bool ok = n < N && t0 + k < L;
+      s_B[k * BS + n] = ok ? to<float>(st[Bo + n * kTb + k]) : 0.f;
+      s_C[k * BS + n] = ok ? to<float>(st[Co + n * kTb + k]) : 0.f;
+    }
+    if (tid < 32) {
+      const bool r = p.reset && tid < kTb && t0 + tid < L && p.reset[int64_t(b) * L + t0 + tid];
+      const unsigned m = __ballot_sync(0xffffffffu, r);
+      if (tid == 0) *s_mask = m;
+    }
+    __syncthreads();
+
+    const unsigned mask = *s_mask;
+    const float* my_dt = s_dt + dl * RS;
+    const float* my_dtu = s_dtu + dl * RS;
+    const float* my_gyc = s_gyc + dl * RS;
+
+    // Recompute the tile's states (hs[j] = h after step t0 + j) and, with z, y before the gate.
+    float hs[kTb][kStates];
+    {
+      float hc[kStates] = {hst[0], hst[1], hst[2], hst[3]};
+#pragma unroll
+      for (int j4 = 0; j4 < kTb / 4; ++j4) {
+        float yv[4];
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          const int j = 4 * j4 + jj;
+          const float dt = my_dt[j], dtu = my_dtu[j];
+          const float4 Bv = *reinterpret_cast<const float4*>(s_B + j * BS + kStates * g);
+          const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
+          if (mask & (1u << j)) {
+#pragma unroll
+            for (int i = 0; i < kStates; ++i) hc[i] = 0.f;
+          }
+#pragma unroll
+          for (int i = 0; i < kStates; ++i) {
+            hc[i] = fmaf(exp_scaled(dt * A2[i]), hc[i], dtu * Bs[i]);
+            hs[j][i] = hc[i];
+          }
+          if (gz) {
+            const float4 Cv = *reinterpret_cast<const float4*>(s_C + j * BS + kStates * g);
+            float acc = 0.f;
+            acc = fmaf(Cv.x, hc[0], acc);
+            acc = fmaf(Cv.y, hc[1], acc);
+            acc = fmaf(Cv.z, hc[2], acc);
+            acc = fmaf(Cv.w, hc[3], acc);
+            yv[jj] = acc;
+          }
+        }
+        if (gz) *reinterpret_cast<float4*>(s_p1 + tid * RS + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
+      }
+    }
+    if (gz) {
+      __syncthreads();
+      for (int e = tid; e < DT * kTb; e += kThreads) {
+        const int r = e / kTb, k = e % kTb;
+        float gyc = 0.f;
+        if (r < rows && t0 + k < L) {
+          float yc = 0.f;
+          for (int gg = 0; gg < G; ++gg) yc += s_p1[(r * G + gg) * RS + k];
+          const float Dr = p.D ? p.D[d0 + r] : 0.f;
+          yc = fmaf(Dr, to<float>(st[uo + e]), yc);
+          const float zz = to<float>(st[zo + e]), gy = to<float>(st[gyo + e]);
+          p.dz[(row0 + r) * L + t0 + k] = T(gy * yc * silu_grad(zz));
+          gyc = gy * silu(zz);
+        }
+        s_gyc[r * RS + k] = gyc;
+      }
+      __syncthreads();
+    }
+
+    // Adjoint recurrence, newest step first; dh is the gradient w.r.t. the state after the step.
+#pragma unroll
+    for (int half = kTb / kSub - 1; half >= 0; --half) {
+#pragma unroll
+      for (int jj = kSub - 1; jj >= 0; --jj) {
+        const int j = half * kSub + jj;
+        const float gyc = my_gyc[j], dt = my_dt[j], dtu = my_dtu[j];
+        const float4 Bv = *reinterpret_cast<const float4*>(s_B + j * BS + kStates * g);
+        const float4 Cv = *reinterpret_cast<const float4*>(s_C + j * BS + kStates * g);
+        const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w}, Cs[4] = {Cv.x, Cv.y, Cv.z, Cv.w};
+        const bool rst = mask & (1u << j);
+        float sB = 0.f, q = 0.f, dBv[kStates], dCv[kStates];
+#pragma unroll
+        for (int i = 0; i < kStates; ++i) {
+          dh[i] = fmaf(gyc, Cs[i], dh[i]);
+          dCv[i] = gyc * hs[j][i];
+          dBv[i] = dh[i] * dtu;
+          sB = fmaf(dh[i], Bs[i], sB);
+          const float prev = rst ? 0.f : (j > 0 ? hs[j > 0 ? j - 1 : 0][i] : hst[i]);
+          const float a = exp_scaled(dt * A2[i]);
+          const float x = dh[i] * prev * a;
+          dAacc[i] = fmaf(x, dt, dAacc[i]);
+          q = fmaf(x, A2[i], q);
+          dh[i] = rst ? 0.f : dh[i] * a;
+        }
+        float* red = s_red + (jj * DT + dl) * Np + kStates * g;
+        *reinterpret_cast<float4*>(red) = make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
+        *reinterpret_cast<float4*>(red + kSub * DT * Np) = make_float4(dCv[0], dCv[1], dCv[2], dCv[3]);
+        s_p1[tid * RS + j] = sB;
+        s_p2[tid * RS + j] = q;
+      }
+      __syncthreads();
+      // dB/dC of these kSub steps, summed over the block's channels.
+      for (int e = tid; e < 2 * kSub * Np; e += kThreads) {
+        const int which = e / (kSub * Np), jj = (e / Np) % kSub, n = e % Np;
+        const int64_t t = t0 + half * kSub + jj;
+        if (n < N && t < L) {
+          const float* src = s_red + (which * kSub + jj) * DT * Np + n;
+          float acc = 0.f;
+          for (int r = 0; r < rows; ++r) acc += src[r * Np];
+          atomicAdd((which ? p.dC : p.dB) + (int64_t(b) * N + n) * L + t, acc);
+        }
+      }
+      __syncthreads();
+    }
+
+    // du, ddelta, and the per-channel sums for dD and ddelta_bias.
+    for (int e = tid; e < DT * kTb; e += kThreads) {
+      const int r = e / kTb, k = e % kTb;
+      float vD = 0.f, vb = 0.f;
+      if (r < rows && t0 + k < L) {
+        float S = 0.f, Q = 0.f;
+        for (int gg = 0; gg < G; ++gg) {
+          S += s_p1[(r * G + gg) * RS + k];
+          Q += s_p2[(r * G + gg) * RS + k];
+        }
+        Q *= kLn2;  // q was summed against A·log2(e)
+        const float dt = s_dt[r * RS + k], gyc = s_gyc[r * RS + k];
+        const float uu = to<float>(st[uo + e]);
+        const float Dr = p.D ? p.D[d0 + r] : 0.f;
+        const float ddt = fmaf(uu, S, Q);
+        float draw = ddt;
+        if (p.softplus) draw *= softplus_grad(to<float>(st[delo + e]) + (p.bias ? p.bias[d0 + r] : 0.f));
+        p.du[(row0 + r) * L + t0 + k] = T(fmaf(dt, S, gyc * Dr));
+        p.ddelta[(row0 + r) * L + t0 + k] = T(draw);
+        vD = gyc * uu;
+        vb = draw;
+      }
+      // The 16 lanes of a half-warp share one channel row.
+#pragma unroll
+      for (int o = kTb / 2; o > 0; o >>= 1) {
+        vD += __shfl_xor_sync(0xffffffffu, vD, o);
+        vb += __shfl_xor_sync(0xffffffffu, vb, o);
+      }
+      if (k == 0 && r < rows) s_dD[r] += vD, s_db[r] += vb;
+    }
+  }
+
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) {
+      const int n = kStates * g + i;
+      if (n < N) {
+        if (p.dh0) p.dh0[(int64_t(b) * p.dim + d) * N + n] = dh[i];
+        atomicAdd(p.dA + int64_t(d) * N + n, dAacc[i]);
+      }
+    }
+  }
+  __syncthreads();
+  if (tid < rows) {
+    if (p.dD) atomicAdd(p.dD + d0 + tid, s_dD[tid]);
+    if (p.dbias) atomicAdd(p.dbias + d0 + tid, s_db[tid]);
+  }
+}
+
+// ---- simple kernels (float64, large d_state) -----------------------------------------------------
+
+template <typename S>
+struct SimpleParams {
+  const S *u, *delta, *A, *B, *C, *D, *z, *bias, *h0, *gy, *gfinal;
+  const bool* reset;
+  S *y, *hT, *du, *ddelta, *dz, *dA, *dB, *dC, *dD, *dbias, *dh, *ckpt, *states, *h;
+  int batch, dim, dstate;
+  int64_t L;
+  bool softplus;
+};
+
+constexpr int kSimpleChunk = 64;
+
+template <typename S>
+__device__ __forceinline__ S simple_dt(const SimpleParams<S>& p, int64_t row, int d, int64_t t) {
+  const S raw = p.delta[row * p.L + t] + (p.bias ? p.bias[d] : S(0));
+  return p.softplus ? softplus(raw) : raw;
+}
+
+template <typename S>
+__device__ __forceinline__ void simple_step(const SimpleParams<S>& p, S* h, int64_t row, int b, int d, int64_t t) {
+  const int N = p.dstate;
+  const S dt = simple_dt(p, row, d, t), dtu = dt * p.u[row * p.L + t];
+  const bool rst = p.reset && p.reset[int64_t(b) * p.L + t];
+  for (int n = 0; n < N; ++n)
+    h[n] = exp(dt * p.A[int64_t(d) * N + n]) * (rst ? S(0) : h[n]) + dtu * p.B[(int64_t(b) * N + n) * p.L + t];
+}
+
+template <typename S>
+__global__ void scan_fwd_simple(const SimpleParams<S> p) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= int64_t(p.batch) * p.dim) return;
+  const int b = int(row / p.dim), d = int(row % p.dim), N = p.dstate;
+  S* h = p.hT + row * N;
+  for (int n = 0; n < N; ++n) h[n] = p.h0 ? p.h0[row * N + n] : S(0);
+  for (int64_t t = 0; t < p.L; ++t) {
+    simple_step(p, h, row, b, d, t);
+    const S uu = p.u[row * p.L + t];
+    S acc = (p.D ? p.D[d] : S(0)) * uu;
+    for (int n = 0; n < N; ++n) acc += p.C[(int64_t(b) * N + n) * p.L + t] * h[n];
+    if (p.z) acc *= silu(p.z[row * p.L + t]);
+    p.y[row * p.L + t] = acc;
+  }
+}
+
+template <typename S>
+__global__ void scan_bwd_simple(const SimpleParams<S> p) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= int64_t(p.batch) * p.dim) return;
+  const int b = int(row / p.dim), d = int(row % p.dim), N = p.dstate;
+  const int64_t L = p.L, nch = (L + kSimpleChunk - 1) / kSimpleChunk;
+  S* ck = p.ckpt + row * nch * N;
+  S* st = p.states + row * kSimpleChunk * N;
+  S* h = p.h + row * N;
+  S* dh = p.dh + row * N;
+  for (int n = 0; n < N; ++n) h[n] = p.h0 ? p.h0[row * N + n] : S(0);
+  for (int64_t t = 0; t < L; ++t) {
+    if (t % kSimpleChunk == 0)
+      for (int n = 0; n < N; ++n) ck[(t / kSimpleChunk) * N + n] = h[n];
+    simple_step(p, h, row, b, d, t);
+  }
+  for (int n = 0; n < N; ++n) dh[n] = p.gfinal ? p.gfinal[row * N + n] : S(0);
+  const S Dv = p.D ? p.D[d] : S(0);
+  S dD = 0, db = 0;
+  for (int64_t c = nch - 1; c >= 0; --c) {
+    const int64_t t0 = c * kSimpleChunk, t1 = L < t0 + kSimpleChunk ? L : t0 + kSimpleChunk;
+    for (int n = 0; n < N; ++n) h[n] = ck[c * N + n];
+    for (int64_t t = t0; t < t1; ++t) {
+      simple_step(p, h, row, b, d, t);
+      for (int n = 0; n < N; ++n) st[(t - t0) * N + n] = h[n];
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const S* ht = st + (t - t0) * N;
+      const bool rst = p.reset && p.reset[int64_t(b) * L + t];
+      const S* prev = rst ? nullptr : (t > t0 ? st + (t - t0 - 1) * N : ck + c * N);
+      const S uu = p.u[row * L + t];
+      S gyc = p.gy[row * L + t];
+      if (p.z) {
+        S yc = Dv * uu;
+        for (int n = 0; n < N; ++n) yc += p.C[(int64_t(b) * N + n) * L + t] * ht[n];
+        const S zz = p.z[row * L + t];
+        p.dz[row * L + t] = gyc * yc * silu_grad(zz);
+        gyc *= silu(zz);
+      }
+      dD += gyc * uu;
+      const S raw = p.delta[row * L + t] + (p.bias ? p.bias[d] : S(0));
+      const S dt = p.softplus ? softplus(raw) : raw;
+      S du = gyc * Dv, ddt = 0;
+      for (int n = 0; n < N; ++n) {
+        const int64_t bn = (int64_t(b) * N + n) * L + t;
+        const S An = p.A[int64_t(d) * N + n], Bn = p.B[bn], a = exp(dt * An), pv = prev ? prev[n] : S(0);
+        dh[n] += gyc * p.C[bn];
+        atomicAdd(p.dC + bn, gyc * ht[n]);
+        atomicAdd(p.dB + bn, dh[n] * dt * uu);
+        du += dh[n] * dt * Bn;
+        ddt += dh[n] * (Bn * uu + pv * a * An);
+        atomicAdd(p.dA + int64_t(d) * N + n, dh[n] * pv * a * dt);
+        dh[n] *= rst ? S(0) : a;
+      }
+      const S draw = p.softplus ? ddt * softplus_grad(raw) : ddt;
+      p.du[row * L + t] = du;
+      p.ddelta[row * L + t] = draw;
+      db += draw;
+    }
+  }
+  atomicAdd(p.dD + d, dD);
+  atomicAdd(p.dbias + d, db);
+}
+
+// ---- host side -----------------------------------------------------------------------------------
+
+// Past 48 KB a kernel needs an explicit opt-in (per device; not a stream operation, so capture-safe).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+bool use_fast_path(const ScanDims& s) { return s.state_dtype == at::kFloat && s.dstate <= kMaxFastN; }
+
+int lanes_for(int64_t N) { return pow2_ceil(ceil_div(N, kStates)); }
+
+template <typename T>
+ScanParams<T> fast_params(const ScanDims& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                          const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                          const at::Tensor& bias, const at::Tensor& h0, const at::Tensor& reset, bool softplus) {
+  ScanParams<T> p{};
+  p.u = u.data_ptr<T>(), p.delta = delta.data_ptr<T>(), p.B = B.data_ptr<T>(), p.C = C.data_ptr<T>();
+  p.z = ptr<T>(z);
+  p.A = A.data_ptr<float>(), p.D = ptr<float>(D), p.bias = ptr<float>(bias), p.h0 = ptr<float>(h0);
+  p.reset = ptr<bool>(reset);
+  p.batch = int(s.batch), p.dim = int(s.dim), p.dstate = int(s.dstate), p.L = s.seqlen;
+  p.G = lanes_for(s.dstate);
+  p.softplus = softplus;
+  constexpr int V = 16 / sizeof(T);
+  p.aligned = s.seqlen % V == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.B) && aligned16(p.C) &&
+              (!p.z || aligned16(p.z));
+  return p;
+}
+
+template <typename T, bool kCkpt>
+void launch_fwd(const ScanParams<T>& p) {
+  auto kernel = scan_fwd_kernel<T, kCkpt>;
+  const Layout lay = make_layout(kTf, 3, false, p.G, p.dstate, sizeof(T));
+  allow_smem(kernel, lay.total);
+  const dim3 grid(ceil_div(p.dim, kThreads / p.G), p.batch);
+  kernel<<<grid, kThreads, lay.total, current_stream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_bwd(const ScanParams<T>& p) {
+  auto kernel = scan_bwd_kernel<T>;
+  const Layout lay = make_layout(kTb, 4, true, p.G, p.dstate, sizeof(T));
+  allow_smem(kernel, lay.total);
+  const dim3 grid(ceil_div(p.dim, kThreads / p.G), p.batch);
+  kernel<<<grid, kThreads, lay.total, current_stream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct SimpleInputs {
+  at::Tensor u, delta, A, B, C, D, z, bias, h0, reset;
+};
+
+SimpleInputs simple_inputs(at::ScalarType acc, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                           const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                           const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& reset) {
+  return {u.to(acc).contiguous(), delta.to(acc).contiguous(), A.to(acc).contiguous(), B.to(acc).contiguous(),
+          C.to(acc).contiguous(), as_dtype(D, acc), as_dtype(z, acc), as_dtype(bias, acc), as_dtype(h0, acc),
+          contig_or_undef(reset)};
+}
+
+template <typename S>
+SimpleParams<S> simple_params(const ScanDims& s, const SimpleInputs& in, bool softplus) {
+  SimpleParams<S> p{};
+  p.u = in.u.data_ptr<S>(), p.delta = in.delta.data_ptr<S>(), p.A = in.A.data_ptr<S>();
+  p.B = in.B.data_ptr<S>(), p.C = in.C.data_ptr<S>();
+  p.D = ptr<S>(in.D), p.z = ptr<S>(in.z), p.bias = ptr<S>(in.bias), p.h0 = ptr<S>(in.h0);
+  p.reset = ptr<bool>(in.reset);
+  p.batch = int(s.batch), p.dim = int(s.dim), p.dstate = int(s.dstate), p.L = s.seqlen;
+  p.softplus = softplus;
+  return p;
+}
+
+int simple_blocks(const ScanDims& s) { return ceil_div(s.batch * s.dim, 128); }
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_cuda(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& reset) {
+  const ScanDims s = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  c10::cuda::CUDAGuard guard(u.device());
+  const auto opts = u.options().dtype(s.state_dtype);
+  auto final_state = at::empty({s.batch, s.dim, s.dstate}, opts);
+
+  if (!use_fast_path(s)) {
+    const SimpleInputs in = simple_inputs(s.state_dtype, u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+    auto y = at::empty({s.batch, s.dim, s.seqlen}, opts);
+    AT_DISPATCH_FLOATING_TYPES(s.state_dtype, "selective_scan_cuda_simple", [&] {
+      auto p = simple_params<scalar_t>(s, in, delta_softplus);
+      p.y = y.data_ptr<scalar_t>(), p.hT = final_state.data_ptr<scalar_t>();
+      scan_fwd_simple<scalar_t><<<simple_blocks(s), 128, 0, current_stream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {y.to(u.scalar_type()), final_state};
+  }
+
+  const at::Tensor uc = u.contiguous(), deltac = delta.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
+  const at::Tensor zc = contig_or_undef(z), Af = A.to(at::kFloat).contiguous();
+  const at::Tensor Df = as_dtype(D, at::kFloat), biasf = as_dtype(delta_bias, at::kFloat);
+  const at::Tensor h0 = contig_or_undef(initial_state), rst = contig_or_undef(reset);
+  auto y = at::empty_like(uc);
+  SM_DISPATCH_FAST(u.scalar_type(), "selective_scan_cuda", [&] {
+    auto p = fast_params<scalar_t>(s, uc, deltac, Af, Bc, Cc, Df, zc, biasf, h0, rst, delta_softplus);
+    p.y = y.data_ptr<scalar_t>(), p.hT = final_state.data_ptr<float>();
+    launch_fwd<scalar_t, false>(p);
+  });
+  return {y, final_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+selective_scan_backward_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_final_state,
+                             const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                             const at::Tensor& C, const std::optional<at::Tensor>& D,
+                             const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                             bool delta_softplus, const std::optional<at::Tensor>& initial_state,
+                             const std::optional<at::Tensor>& reset) {
+  const ScanDims s = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  TORCH_CHECK(grad_y.sizes() == u.sizes(), "selective_scan_backward: argument 'grad_y' must have the shape of u ",
+              u.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == u.device(), "selective_scan_backward: argument 'grad_y' is on ", grad_y.device(),
+              " but the inputs are on ", u.device());
+  at::Tensor gfinal;
+  if (grad_final_state && grad_final_state->defined()) {
+    TORCH_CHECK(grad_final_state->sizes() == at::IntArrayRef({s.batch, s.dim, s.dstate}),
+                "selective_scan_backward: argument 'grad_final_state' must have shape [batch, d_inner, d_state]");
+    gfinal = grad_final_state->to(s.state_dtype).contiguous();
+  }
+  c10::cuda::CUDAGuard guard(u.device());
+  const auto f = u.options().dtype(s.state_dtype);
+  auto dA = at::zeros({s.dim, s.dstate}, f), dB = at::zeros({s.batch, s.dstate, s.seqlen}, f);
+  auto dC = at::zeros({s.batch, s.dstate, s.seqlen}, f), dD = at::zeros({s.dim}, f), dbias = at::zeros({s.dim}, f);
+  auto dh0 = at::empty({s.batch, s.dim, s.dstate}, f);
+  at::Tensor du, ddelta, dz;
+
+  if (!use_fast_path(s)) {
+    const SimpleInputs in = simple_inputs(s.state_dtype, u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+    const at::Tensor gy = grad_y.to(s.state_dtype).contiguous();
+    du = at::empty({s.batch, s.dim, s.seqlen}, f), ddelta = at::empty_like(du);
+    if (z) dz = at::empty_like(du);
+    const int64_t rows = s.batch * s.dim, nch = (s.seqlen + kSimpleChunk - 1) / kSimpleChunk;
+    auto ckpt = at::empty({rows, nch, s.dstate}, f), states = at::empty({rows, kSimpleChunk, s.dstate}, f);
+    auto hbuf = at::empty({rows, s.dstate}, f);
+    AT_DISPATCH_FLOATING_TYPES(s.state_dtype, "selective_scan_backward_cuda_simple", [&] {
+      using S = scalar_t;
+      auto p = simple_params<S>(s, in, delta_softplus);
+      p.gy = gy.data_ptr<S>(), p.gfinal = ptr<S>(gfinal);
+      p.du = du.data_ptr<S>(), p.ddelta = ddelta.data_ptr<S>(), p.dz = mptr<S>(dz);
+      p.dA = dA.data_ptr<S>(), p.dB = dB.data_ptr<S>(), p.dC = dC.data_ptr<S>();
+      p.dD = dD.data_ptr<S>(), p.dbias = dbias.data_ptr<S>(), p.dh = dh0.data_ptr<S>();
+      p.ckpt = ckpt.data_ptr<S>(), p.states = states.data_ptr<S>(), p.h = hbuf.data_ptr<S>();
+      scan_bwd_simple<S><<<simple_blocks(s), 128, 0, current_stream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    const at::Tensor uc = u.contiguous(), deltac = delta.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
+    const at::Tensor zc = contig_or_undef(z), Af = A.to(at::kFloat).contiguous();
+    const at::Tensor Df = as_dtype(D, at::kFloat), biasf = as_dtype(delta_bias, at::kFloat);
+    const at::Tensor h0 = contig_or_undef(initial_state), rst = contig_or_undef(reset);
+    const at::Tensor gy = grad_y.to(u.scalar_type()).contiguous();
+    du = at::empty_like(uc), ddelta = at::empty_like(uc);
+    if (z) dz = at::empty_like(uc);
+    const int G = lanes_for(s.dstate);
+    const int64_t nck = (s.seqlen + kTb - 1) / kTb;
+    auto ckpt = at::empty({s.batch, nck, s.dim, int64_t(kStates) * G}, f);
+    SM_DISPATCH_FAST(u.scalar_type(), "selective_scan_backward_cuda", [&] {
+      {
+        using T = scalar_t;
+        auto p = fast_params<T>(s, uc, deltac, Af, Bc, Cc, Df, zc, biasf, h0, rst, delta_softplus);
+        p.ckpt = ckpt.data_ptr<float>();
+        launch_fwd<T, true>(p);
+        p.gy = gy.data_ptr<T>(), p.gfinal = ptr<float>(gfinal);
+        p.aligned = p.aligned && aligned16(p.gy);
+        p.du = du.data_ptr<T>(), p.ddelta = ddelta.data_ptr<T>(), p.dz = mptr<T>(dz);
+        p.dA = dA.data_ptr<float>(), p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
+        p.dD = dD.data_ptr<float>(), p.dbias = dbias.data_ptr<float>(), p.dh0 = initial_state ? dh0.data_ptr<float>() : nullptr;
+        launch_bwd<T>(p);
+      }
+    });
+  }
+  auto like = [](const at::Tensor& g, const at::Tensor& ref) { return g.to(ref.scalar_type()); };
+  return {like(du, u),
+          like(ddelta, delta),
+          like(dA, A),
+          like(dB, B),
+          like(dC, C),
+          D ? like(dD, *D) : at::Tensor(),
+          z ? like(dz, *z) : at::Tensor(),
+          delta_bias ? like(dbias, *delta_bias) : at::Tensor(),
+          initial_state ? like(dh0, *initial_state) : at::Tensor()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(statemamba, CUDA, m) {
+  m.impl("selective_scan", &selective_scan_cuda);
+  m.impl("selective_scan_backward", &selective_scan_backward_cuda);
+}
+
+}  // namespace statemamba::ops

@@ -1,0 +1,487 @@
+// The CUDA kernels against the CPU kernels on the same inputs (forward and backward, every
+// optional argument, odd and long lengths, batch 1 to 4096), plus the CUDA-only invariants:
+// chunking and episode resets bit for bit, and decode steps equal to the sequence kernels.
+// Skipped where no CUDA GPU is present.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "ops/ops.h"
+#include "support/op_cases.h"
+
+namespace {
+
+using namespace statemamba::test;
+namespace ops = statemamba::ops;
+
+#define SKIP_WITHOUT_CUDA() \
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU: the CUDA kernels are tested on a GPU machine"
+
+const at::Device kCuda("cuda");
+
+OptTensor on(const OptTensor& t, at::Device dev) { return t ? OptTensor(t->to(dev)) : std::nullopt; }
+at::Tensor on(const at::Tensor& t, at::Device dev) { return t.defined() ? t.to(dev) : t; }
+
+ScanCase on(const ScanCase& c, at::Device dev) {
+  ScanCase o = c;
+  for (at::Tensor* t : {&o.u, &o.delta, &o.A, &o.B, &o.C}) *t = t->to(dev);
+  for (OptTensor* t : {&o.D, &o.z, &o.delta_bias, &o.initial_state, &o.reset}) *t = on(*t, dev);
+  return o;
+}
+ConvCase on(const ConvCase& c, at::Device dev) {
+  ConvCase o = c;
+  o.x = o.x.to(dev), o.weight = o.weight.to(dev);
+  for (OptTensor* t : {&o.bias, &o.initial_state, &o.reset}) *t = on(*t, dev);
+  return o;
+}
+
+// CUDA vs CPU on the same inputs: both accumulate in float32 (float64 for float64 inputs) but in
+// another order and with the GPU's fast exp/log, so float32 agrees to ~1e-5 of the tensor's scale;
+// a 16-bit output may round to the neighbouring value (one ulp: 2^-7 bfloat16, 2^-10 float16).
+void expect_matches(const at::Tensor& cuda, const at::Tensor& cpu, const std::string& what) {
+  ASSERT_EQ(cuda.defined(), cpu.defined()) << what;
+  if (!cpu.defined()) return;
+  ASSERT_TRUE(cuda.is_cuda()) << what;
+  EXPECT_EQ(cuda.scalar_type(), cpu.scalar_type()) << what;
+  const auto t = cpu.scalar_type();
+  const double ulp = t == at::kBFloat16 ? std::ldexp(1.0, -7) : t == at::kHalf ? std::ldexp(1.0, -10) : 0.0;
+  const double rel = t == at::kDouble ? 1e-10 : 1e-4;
+  const double scale = cpu.numel() ? cpu.to(at::kDouble).abs().max().item<double>() : 0.0;
+  expect_close(cuda.cpu(), cpu, {ulp + rel, rel * std::max(scale, 1.0)}, what);
+}
+
+// support's expect_episodes_equal_separate_runs builds its reset mask on the CPU; this is the same
+// check with the mask on the case's device.
+template <typename Case>
+void expect_cuda_episodes_equal_separate_runs(Case c, const std::vector<std::vector<int64_t>>& starts) {
+  const int64_t batch = int64_t(starts.size()), L = c.seqlen();
+  at::Tensor mask = at::zeros({batch, L}, at::kBool);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t : starts[b]) mask.index_put_({b, t}, true);
+  c.reset = mask.to(kCuda);
+  const auto [y, final_state] = c.run();
+  for (int64_t b = 0; b < batch; ++b) {
+    const Case row = c.batch_row(b);
+    std::vector<int64_t> bounds = starts[b];
+    const bool starts_fresh = !bounds.empty() && bounds.front() == 0;
+    if (!starts_fresh) bounds.insert(bounds.begin(), 0);
+    bounds.push_back(L);
+    for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+      const int64_t t0 = bounds[e], t1 = bounds[e + 1];
+      SCOPED_TRACE("row " + std::to_string(b) + ", steps [" + std::to_string(t0) + ", " + std::to_string(t1) + ")");
+      Case episode = row.steps(t0, t1, t0 == 0 && !starts_fresh ? row.initial_state : std::nullopt);
+      episode.reset = std::nullopt;
+      const auto [y_episode, state_episode] = episode.run();
+      expect_bit_equal(y_episode, y.slice(0, b, b + 1).slice(2, t0, t1), "y");
+      if (t1 == L) expect_bit_equal(state_episode, final_state.slice(0, b, b + 1), "final_state");
+    }
+  }
+}
+
+const std::pair<const char*, at::ScalarType> kDtypes[] = {
+    {"f32", at::kFloat}, {"bf16", at::kBFloat16}, {"f16", at::kHalf}, {"f64", at::kDouble}};
+
+// ---- selective scan ------------------------------------------------------------------------------
+
+struct ScanCudaCase {
+  std::string name;
+  ScanOptions options;
+};
+
+std::vector<ScanCudaCase> scan_cases() {
+  std::vector<ScanCudaCase> cases;
+  for (auto [dname, dtype] : kDtypes) {
+    auto add = [&, dname = dname, dtype = dtype](std::string name, ScanOptions o) {
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 1000 + cases.size();
+      cases.push_back({std::string(dname) + "_" + name, o});
+    };
+    ScanOptions base;  // 70 channels: several blocks and a partial one; L = 37: a partial tile
+    base.batch = 3, base.dim = 70, base.dstate = 16, base.seqlen = 37;
+    add("all", base);
+    ScanOptions none = base;
+    none.D = none.z = none.delta_bias = none.softplus = none.initial_state = none.reset = false;
+    add("none", none);
+    const std::pair<const char*, bool ScanOptions::*> flags[] = {
+        {"D", &ScanOptions::D},         {"z", &ScanOptions::z},
+        {"delta_bias", &ScanOptions::delta_bias}, {"softplus", &ScanOptions::softplus},
+        {"initial_state", &ScanOptions::initial_state}, {"reset", &ScanOptions::reset}};
+    for (auto [fname, flag] : flags) {
+      ScanOptions o = none;
+      o.*flag = true;
+      add(std::string("only_") + fname, o);
+    }
+    // d_state buckets (lanes per channel 1..32) and the simple kernel past 128.
+    for (int64_t N : {1, 4, 13, 32, 64, 128, 130}) {
+      ScanOptions o = base;
+      o.dstate = N, o.dim = 9;
+      add("dstate" + std::to_string(N), o);
+    }
+    // Lengths around the forward (32) and backward (16) tiles; multiples of 8 take the 16-byte path.
+    for (int64_t L : {1, 15, 16, 17, 31, 32, 33, 64, 256, 1000}) {
+      ScanOptions o = base;
+      o.seqlen = L, o.dim = 33;
+      o.reset_probability = L == 1 ? 0.5 : 0.05;
+      add("L" + std::to_string(L), o);
+    }
+    ScanOptions long_seq = base;
+    long_seq.batch = 2, long_seq.dim = 4, long_seq.seqlen = 8192, long_seq.reset_probability = 0.002;
+    add("L8192", long_seq);
+    ScanOptions wide = base;
+    wide.batch = 256, wide.dim = 8, wide.seqlen = 24;
+    add("batch256", wide);
+    ScanOptions one = base;
+    one.batch = 1;
+    add("batch1", one);
+    if (dtype == at::kBFloat16 || dtype == at::kHalf) {
+      ScanOptions params = base;  // A, D, delta_bias in the inputs' dtype
+      params.dtype = dtype;
+      params.param_dtype = dtype;
+      params.seed = 1000 + cases.size();
+      cases.push_back({std::string(dname) + "_params_in_dtype", params});
+    }
+  }
+  return cases;
+}
+
+class CudaScan : public ::testing::TestWithParam<ScanCudaCase> {};
+
+TEST_P(CudaScan, ForwardMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  const ScanCase c = ScanCase::random(GetParam().options);
+  const auto [y, final_state] = c.run();
+  const auto [y_gpu, state_gpu] = on(c, kCuda).run();
+  expect_matches(y_gpu, y, "y");
+  expect_matches(state_gpu, final_state, "final_state");
+}
+
+TEST_P(CudaScan, BackwardMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  const ScanOptions& o = GetParam().options;
+  const ScanCase c = ScanCase::random(o);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 77);
+  const at::Tensor gy = at::randn(c.u.sizes(), gen, at::kDouble).to(o.dtype);
+  for (bool with_gfinal : {true, false}) {
+    SCOPED_TRACE(with_gfinal ? "with grad_final_state" : "without grad_final_state");
+    const OptTensor gfinal = with_gfinal ? OptTensor(at::randn({o.batch, o.dim, o.dstate}, gen, at::kDouble)
+                                                         .to(o.dtype == at::kDouble ? at::kDouble : at::kFloat))
+                                         : std::nullopt;
+    const auto cpu = ops::selective_scan_backward(gy, gfinal, c.u, c.delta, c.A, c.B, c.C, c.D, c.z, c.delta_bias,
+                                                  c.softplus, c.initial_state, c.reset);
+    const ScanCase g = on(c, kCuda);
+    const auto gpu = ops::selective_scan_backward(gy.to(kCuda), on(gfinal, kCuda), g.u, g.delta, g.A, g.B, g.C, g.D,
+                                                  g.z, g.delta_bias, g.softplus, g.initial_state, g.reset);
+    expect_matches(std::get<0>(gpu), std::get<0>(cpu), "du");
+    expect_matches(std::get<1>(gpu), std::get<1>(cpu), "ddelta");
+    expect_matches(std::get<2>(gpu), std::get<2>(cpu), "dA");
+    expect_matches(std::get<3>(gpu), std::get<3>(cpu), "dB");
+    expect_matches(std::get<4>(gpu), std::get<4>(cpu), "dC");
+    expect_matches(std::get<5>(gpu), std::get<5>(cpu), "dD");
+    expect_matches(std::get<6>(gpu), std::get<6>(cpu), "dz");
+    expect_matches(std::get<7>(gpu), std::get<7>(cpu), "ddelta_bias");
+    expect_matches(std::get<8>(gpu), std::get<8>(cpu), "dinitial_state");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaScan, ::testing::ValuesIn(scan_cases()),
+                         [](const auto& info) { return info.param.name; });
+
+// Autograd through the CUDA kernels gives the CPU gradients (the autograd kernel calls the
+// backward op, which dispatches to CUDA).
+TEST(CudaScanAutograd, GradientsMatchCpu) {
+  SKIP_WITHOUT_CUDA();
+  ScanOptions o;
+  o.batch = 2, o.dim = 40, o.dstate = 16, o.seqlen = 50, o.seed = 5;
+  const ScanCase c = ScanCase::random(o);
+  const WeightedLoss loss = weighted_loss_for(c, 9);
+  const auto cpu = autograd_gradients(loss_of(c, loss), c.differentiable());
+  const ScanCase g = on(c, kCuda);
+  WeightedLoss loss_gpu = loss;
+  loss_gpu.y_weight = loss.y_weight.to(kCuda), loss_gpu.state_weight = loss.state_weight.to(kCuda);
+  const auto gpu = autograd_gradients(loss_of(g, loss_gpu), g.differentiable());
+  const auto names = c.differentiable_names();
+  for (size_t i = 0; i < names.size(); ++i) expect_matches(gpu[i], cpu[i], "d loss / d " + names[i]);
+}
+
+// One sequential recurrence per lane, whatever the tile a step lands in: chunks carried through
+// final_state equal one pass bit for bit, also with resets on chunk edges.
+TEST(CudaScanChunking, CarriedStateEqualsOnePassBitForBit) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    for (uint64_t seed = 0; seed < 4; ++seed) {
+      ScanOptions o;
+      o.batch = 3, o.dim = 40, o.dstate = 16, o.seqlen = 150;
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 200 + seed;
+      ScanCase c = on(ScanCase::random(o), kCuda);
+      const auto cuts = random_cuts(o.seqlen, 1 + seed % 4, seed);
+      c.reset->index_put_({0, cuts[0]}, true);
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", cuts " + join(cuts));
+      const auto [y, final_state] = c.run();
+      const auto [y_chunked, state_chunked] = run_in_chunks(c, cuts);
+      expect_bit_equal(y_chunked, y, "y");
+      expect_bit_equal(state_chunked, final_state, "final_state");
+    }
+  }
+}
+
+TEST(CudaScanResets, EpisodesEqualSeparateRunsFromZeros) {
+  SKIP_WITHOUT_CUDA();
+  ScanOptions o;
+  o.batch = 2, o.dim = 40, o.dstate = 16, o.seqlen = 100;
+  expect_cuda_episodes_equal_separate_runs(on(ScanCase::random(o), kCuda), {{0, 31, 32, 64, 70}, {13, 99}});
+}
+
+// ---- decode steps --------------------------------------------------------------------------------
+
+at::Tensor step_of(const at::Tensor& t, int64_t s) { return t.select(-1, s); }
+OptTensor step_of(const OptTensor& t, int64_t s) { return t ? OptTensor(t->select(-1, s)) : std::nullopt; }
+
+at::Tensor zero_or_initial(const OptTensor& init, at::IntArrayRef shape, const at::Tensor& like, at::ScalarType st) {
+  return init ? init->clone() : at::zeros(shape, like.options().dtype(st));
+}
+
+// Stepping selective_state_update over a sequence equals selective_scan bit for bit on CUDA.
+TEST(CudaDecode, ScanStepsEqualSequenceKernel) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    for (int64_t N : {16, 13, 200}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", d_state " + std::to_string(N));
+      ScanOptions o;
+      o.batch = 3, o.dim = 40, o.dstate = N, o.seqlen = 40, o.reset_probability = 0.1;
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 300 + N;
+      const ScanCase c = on(ScanCase::random(o), kCuda);
+      const auto [y, final_state] = c.run();
+      at::Tensor state = zero_or_initial(c.initial_state, {o.batch, o.dim, N}, c.u,
+                                         dtype == at::kDouble ? at::kDouble : at::kFloat);
+      std::vector<at::Tensor> ys;
+      for (int64_t t = 0; t < o.seqlen; ++t)
+        ys.push_back(ops::selective_state_update(state, step_of(c.u, t), step_of(c.delta, t), c.A, step_of(c.B, t),
+                                                 step_of(c.C, t), c.D, step_of(c.z, t), c.delta_bias, c.softplus,
+                                                 step_of(c.reset, t)));
+      const at::Tensor y_steps = at::stack(ys, 2);
+      if (N <= 128 || dtype == at::kDouble) {
+        expect_bit_equal(y_steps, y, "y");
+        expect_bit_equal(state, final_state, "state");
+      } else {  // past 128 states the decode and sequence kernels are different simple kernels
+        expect_matches(y_steps, y.cpu(), "y");
+        expect_matches(state, final_state.cpu(), "state");
+      }
+    }
+  }
+}
+
+TEST(CudaDecode, ConvStepsEqualSequenceKernel) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    for (int64_t W : {2, 4, 8}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", width " + std::to_string(W));
+      ConvOptions o;
+      o.batch = 3, o.dim = 20, o.width = W, o.seqlen = 30, o.silu = true, o.reset_probability = 0.15;
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 400 + W;
+      const ConvCase c = on(ConvCase::random(o), kCuda);
+      const auto [y, final_state] = c.run();
+      at::Tensor state = zero_or_initial(c.initial_state, {o.batch, o.dim, W - 1}, c.x,
+                                         dtype == at::kDouble ? at::kDouble : at::kFloat);
+      std::vector<at::Tensor> ys;
+      for (int64_t t = 0; t < o.seqlen; ++t)
+        ys.push_back(ops::causal_conv1d_update(step_of(c.x, t), state, c.weight, c.bias, c.silu, step_of(c.reset, t)));
+      expect_bit_equal(at::stack(ys, 2), y, "y");
+      expect_bit_equal(state, final_state, "state");
+    }
+  }
+}
+
+// Decode ops against the CPU ops at batch 1 to 4096.
+TEST(CudaDecode, MatchCpuFromBatch1To4096) {
+  SKIP_WITHOUT_CUDA();
+  for (auto [dname, dtype] : kDtypes) {
+    for (int64_t batch : {1, 5, 256, 4096}) {
+      SCOPED_TRACE(std::string(dname) + ", batch " + std::to_string(batch));
+      ScanOptions o;
+      o.batch = batch, o.dim = 24, o.dstate = 16, o.seqlen = 1, o.reset_probability = 0.3;
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 500 + batch;
+      const ScanCase c = ScanCase::random(o);
+      const ScanCase g = on(c, kCuda);
+      at::Tensor st = c.initial_state->clone(), st_gpu = g.initial_state->clone();
+      const auto y = ops::selective_state_update(st, step_of(c.u, 0), step_of(c.delta, 0), c.A, step_of(c.B, 0),
+                                                 step_of(c.C, 0), c.D, step_of(c.z, 0), c.delta_bias, c.softplus,
+                                                 step_of(c.reset, 0));
+      const auto y_gpu = ops::selective_state_update(st_gpu, step_of(g.u, 0), step_of(g.delta, 0), g.A,
+                                                     step_of(g.B, 0), step_of(g.C, 0), g.D, step_of(g.z, 0),
+                                                     g.delta_bias, g.softplus, step_of(g.reset, 0));
+      expect_matches(y_gpu, y, "selective_state_update y");
+      expect_matches(st_gpu, st, "selective_state_update state");
+
+      ConvOptions co;
+      co.batch = batch, co.dim = 24, co.width = 4, co.seqlen = 1, co.silu = true, co.reset_probability = 0.3;
+      co.dtype = dtype;
+      co.param_dtype = o.param_dtype;
+      co.seed = 600 + batch;
+      const ConvCase cc = ConvCase::random(co);
+      const ConvCase cg = on(cc, kCuda);
+      at::Tensor cs = cc.initial_state->clone(), cs_gpu = cg.initial_state->clone();
+      const auto yc = ops::causal_conv1d_update(step_of(cc.x, 0), cs, cc.weight, cc.bias, true, step_of(cc.reset, 0));
+      const auto yc_gpu =
+          ops::causal_conv1d_update(step_of(cg.x, 0), cs_gpu, cg.weight, cg.bias, true, step_of(cg.reset, 0));
+      expect_matches(yc_gpu, yc, "causal_conv1d_update y");
+      expect_matches(cs_gpu, cs, "causal_conv1d_update state");
+    }
+  }
+}
+
+// A strided (non-contiguous) state is advanced in place all the same.
+TEST(CudaDecode, NonContiguousStateIsUpdatedInPlace) {
+  SKIP_WITHOUT_CUDA();
+  ScanOptions o;
+  o.batch = 4, o.dim = 8, o.dstate = 16, o.seqlen = 1;
+  const ScanCase g = on(ScanCase::random(o), kCuda);
+  at::Tensor backing = at::zeros({o.batch, o.dstate, o.dim}, g.u.options());
+  at::Tensor state = backing.transpose(1, 2);  // [B, D, N], not contiguous
+  state.copy_(*g.initial_state);
+  at::Tensor expected = g.initial_state->clone();
+  ops::selective_state_update(expected, step_of(g.u, 0), step_of(g.delta, 0), g.A, step_of(g.B, 0), step_of(g.C, 0),
+                              g.D, step_of(g.z, 0), g.delta_bias, g.softplus, step_of(g.reset, 0));
+  ops::selective_state_update(state, step_of(g.u, 0), step_of(g.delta, 0), g.A, step_of(g.B, 0), step_of(g.C, 0),
+                              g.D, step_of(g.z, 0), g.delta_bias, g.softplus, step_of(g.reset, 0));
+  expect_bit_equal(state.contiguous(), expected, "state");
+}
+
+// ---- causal conv1d ------------------------------------------------------------------------------
+
+struct ConvCudaCase {
+  std::string name;
+  ConvOptions options;
+};
+
+std::vector<ConvCudaCase> conv_cases() {
+  std::vector<ConvCudaCase> cases;
+  for (auto [dname, dtype] : kDtypes) {
+    auto add = [&, dname = dname, dtype = dtype](std::string name, ConvOptions o) {
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 2000 + cases.size();
+      cases.push_back({std::string(dname) + "_" + name, o});
+    };
+    ConvOptions base;
+    base.batch = 3, base.dim = 7, base.width = 4, base.seqlen = 37, base.silu = true;
+    add("all", base);
+    ConvOptions none = base;
+    none.bias = none.initial_state = none.reset = none.silu = false;
+    add("none", none);
+    for (int64_t W : {2, 3, 5, 8}) {
+      ConvOptions o = base;
+      o.width = W;
+      add("width" + std::to_string(W), o);
+    }
+    for (int64_t L : {1, 2, 7, 8, 9, 64, 1000, 8192}) {
+      ConvOptions o = base;
+      o.seqlen = L;
+      o.reset_probability = L <= 2 ? 0.5 : 0.05;
+      add("L" + std::to_string(L), o);
+    }
+    ConvOptions no_silu = base;
+    no_silu.silu = false;
+    add("no_silu", no_silu);
+    ConvOptions wide = base;
+    wide.batch = 256, wide.dim = 4, wide.seqlen = 24;
+    add("batch256", wide);
+    if (dtype == at::kBFloat16 || dtype == at::kHalf) {
+      ConvOptions params = base;
+      params.dtype = dtype, params.param_dtype = dtype, params.seed = 2000 + cases.size();
+      cases.push_back({std::string(dname) + "_params_in_dtype", params});
+    }
+  }
+  return cases;
+}
+
+class CudaConv : public ::testing::TestWithParam<ConvCudaCase> {};
+
+TEST_P(CudaConv, ForwardMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  const ConvCase c = ConvCase::random(GetParam().options);
+  const auto [y, final_state] = c.run();
+  const auto [y_gpu, state_gpu] = on(c, kCuda).run();
+  expect_matches(y_gpu, y, "y");
+  expect_matches(state_gpu, final_state, "final_state");
+}
+
+TEST_P(CudaConv, BackwardMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  const ConvOptions& o = GetParam().options;
+  const ConvCase c = ConvCase::random(o);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 77);
+  const at::Tensor gy = at::randn(c.x.sizes(), gen, at::kDouble).to(o.dtype);
+  for (bool with_gfinal : {true, false}) {
+    SCOPED_TRACE(with_gfinal ? "with grad_final_state" : "without grad_final_state");
+    const OptTensor gfinal = with_gfinal ? OptTensor(at::randn({o.batch, o.dim, o.width - 1}, gen, at::kDouble)
+                                                         .to(o.dtype == at::kDouble ? at::kDouble : at::kFloat))
+                                         : std::nullopt;
+    const auto cpu = ops::causal_conv1d_backward(gy, gfinal, c.x, c.weight, c.bias, c.initial_state, c.reset, c.silu);
+    const ConvCase g = on(c, kCuda);
+    const auto gpu = ops::causal_conv1d_backward(gy.to(kCuda), on(gfinal, kCuda), g.x, g.weight, g.bias,
+                                                 g.initial_state, g.reset, g.silu);
+    expect_matches(std::get<0>(gpu), std::get<0>(cpu), "dx");
+    expect_matches(std::get<1>(gpu), std::get<1>(cpu), "dweight");
+    expect_matches(std::get<2>(gpu), std::get<2>(cpu), "dbias");
+    expect_matches(std::get<3>(gpu), std::get<3>(cpu), "dinitial_state");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaConv, ::testing::ValuesIn(conv_cases()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(CudaConvChunking, CarriedStateEqualsOnePassBitForBit) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    for (uint64_t seed = 0; seed < 4; ++seed) {
+      ConvOptions o;
+      o.batch = 3, o.dim = 6, o.width = 4, o.seqlen = 70, o.silu = true;
+      o.dtype = dtype;
+      o.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      o.seed = 700 + seed;
+      ConvCase c = on(ConvCase::random(o), kCuda);
+      const auto cuts = random_cuts(o.seqlen, 1 + seed % 4, seed);
+      c.reset->index_put_({0, cuts[0]}, true);
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", cuts " + join(cuts));
+      const auto [y, final_state] = c.run();
+      const auto [y_chunked, state_chunked] = run_in_chunks(c, cuts);
+      expect_bit_equal(y_chunked, y, "y");
+      expect_bit_equal(state_chunked, final_state, "final_state");
+    }
+  }
+}
+
+TEST(CudaConvResets, EpisodesEqualSeparateRunsFromZeros) {
+  SKIP_WITHOUT_CUDA();
+  ConvOptions o;
+  o.batch = 2, o.dim = 5, o.width = 4, o.seqlen = 40, o.silu = true;
+  expect_cuda_episodes_equal_separate_runs(on(ConvCase::random(o), kCuda), {{0, 7, 8, 9, 20}, {13, 39}});
+}
+
+// ---- argument checks ----------------------------------------------------------------------------
+
+TEST(CudaArgs, MixedDevicesAreRejected) {
+  SKIP_WITHOUT_CUDA();
+  const ScanCase c = ScanCase::random(ScanOptions{});
+  ScanCase g = on(c, kCuda);
+  g.A = c.A;  // on the CPU
+  EXPECT_THROW(g.run(), c10::Error);
+  ConvCase cc = on(ConvCase::random(ConvOptions{}), kCuda);
+  cc.reset = cc.reset->cpu();
+  EXPECT_THROW(cc.run(), c10::Error);
+}
+
+}  // namespace

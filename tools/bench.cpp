@@ -1,0 +1,160 @@
+// statemamba-bench: times the ops (and, on CUDA, a device-to-device copy for the memory floor) and
+// prints one JSON document. Each case reports the median and best of --repeats timed runs and its
+// "floor": the bytes it must move divided by the measured copy rate (CUDA) — a ratio near 1 means
+// the op runs at memory speed.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cxxopts.hpp>
+#include <functional>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "ops/ops.h"
+
+namespace sm = statemamba::ops;
+using json = nlohmann::json;
+
+namespace {
+
+struct Timing {
+  double median_ms, best_ms;
+};
+
+void sync(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize();
+}
+
+Timing time_it(const torch::Device& device, int repeats, const std::function<void()>& fn) {
+  fn();  // warm-up (and lazy init)
+  sync(device);
+  std::vector<double> ms;
+  for (int i = 0; i < repeats; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    fn();
+    sync(device);
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms.front()};
+}
+
+// State and accumulation: float32, float64 only for float64 inputs (as the ops require).
+torch::ScalarType state_dtype(torch::ScalarType input) { return input == torch::kDouble ? torch::kDouble : torch::kFloat; }
+
+torch::ScalarType parse_dtype(const std::string& s) {
+  if (s == "float32") return torch::kFloat;
+  if (s == "bfloat16") return torch::kBFloat16;
+  if (s == "float16") return torch::kHalf;
+  if (s == "float64") return torch::kDouble;
+  throw cxxopts::exceptions::exception("--dtype must be float32, bfloat16, float16 or float64, got '" + s + "'");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cxxopts::Options cli("statemamba-bench", "Time the statemamba ops; prints JSON.");
+  cli.add_options()("device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+      "dtype", "float32, bfloat16, float16, float64",
+      cxxopts::value<std::vector<std::string>>()->default_value("float32"))(
+      "b,batch", "batch", cxxopts::value<int64_t>()->default_value("2"))(
+      "d,dim", "d_inner", cxxopts::value<int64_t>()->default_value("1536"))(
+      "l,length", "sequence length", cxxopts::value<int64_t>()->default_value("512"))(
+      "n,dstate", "d_state", cxxopts::value<int64_t>()->default_value("16"))(
+      "w,width", "conv width", cxxopts::value<int64_t>()->default_value("4"))(
+      "decode-batch", "batch for the decode ops", cxxopts::value<int64_t>()->default_value("64"))(
+      "r,repeats", "timed runs per case", cxxopts::value<int>()->default_value("10"))(
+      "h,help", "show this help");
+  cxxopts::ParseResult args;
+  torch::Device device(torch::kCPU);
+  std::vector<torch::ScalarType> dtypes;
+  try {
+    args = cli.parse(argc, argv);
+    if (args.count("help")) {
+      std::cout << cli.help() << std::endl;
+      return 0;
+    }
+    device = torch::Device(args["device"].as<std::string>());
+    if (device.is_cuda() && !torch::cuda::is_available())
+      throw cxxopts::exceptions::exception("--device cuda: no CUDA GPU is available");
+    for (auto& s : args["dtype"].as<std::vector<std::string>>()) dtypes.push_back(parse_dtype(s));
+    for (const char* k : {"batch", "dim", "length", "dstate", "width", "decode-batch"})
+      if (args[k].as<int64_t>() < 1) throw cxxopts::exceptions::exception(std::string("--") + k + " must be at least 1");
+  } catch (const std::exception& e) {
+    std::cerr << "statemamba-bench: " << e.what() << "\n" << cli.help() << std::endl;
+    return 2;
+  }
+  const int64_t B = args["batch"].as<int64_t>(), D = args["dim"].as<int64_t>(), L = args["length"].as<int64_t>();
+  const int64_t N = args["dstate"].as<int64_t>(), W = args["width"].as<int64_t>();
+  const int64_t Bd = args["decode-batch"].as<int64_t>();
+  const int repeats = args["repeats"].as<int>();
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+
+  json out;
+  out["device"] = device.is_cuda() ? "cuda" : "cpu";
+  out["threads"] = at::get_num_threads();
+  double copy_gbps = 0;
+  if (device.is_cuda()) {
+    // The memory floor: a large device-to-device copy (read + write), in the same run.
+    auto src = torch::empty({256 << 20}, torch::TensorOptions(device).dtype(torch::kFloat)), dst = torch::empty_like(src);
+    Timing t = time_it(device, repeats, [&] { dst.copy_(src); });
+    copy_gbps = 2.0 * src.numel() * 4 / (t.best_ms * 1e6);
+    out["copy_GBps"] = copy_gbps;
+  }
+  json cases = json::array();
+  auto record = [&](const std::string& op, torch::ScalarType dt, json shape, double bytes, Timing t) {
+    json c = {{"op", op}, {"dtype", std::string(c10::toString(dt))}, {"shape", shape},
+              {"median_ms", t.median_ms}, {"best_ms", t.best_ms}, {"bytes", bytes},
+              {"GBps", bytes / (t.median_ms * 1e6)}};
+    if (copy_gbps > 0) {
+      c["floor_ms"] = bytes / (copy_gbps * 1e6);
+      c["floor_ratio"] = t.median_ms / (bytes / (copy_gbps * 1e6));
+    }
+    std::cerr << op << " " << c10::toString(dt) << ": " << t.median_ms << " ms" << std::endl;
+    cases.push_back(c);
+  };
+
+  for (auto dt : dtypes) {
+    auto opt = torch::TensorOptions(device).dtype(dt);
+    auto f32 = torch::TensorOptions(device).dtype(state_dtype(dt));
+    const double e = torch::elementSize(dt), es = torch::elementSize(state_dtype(dt));
+    auto u = torch::randn({B, D, L}, opt), delta = torch::randn({B, D, L}, opt) - 2, z = torch::randn({B, D, L}, opt);
+    auto A = -torch::rand({D, N}, f32) - 0.5, Bm = torch::randn({B, N, L}, opt), Cm = torch::randn({B, N, L}, opt);
+    auto Dv = torch::randn({D}, f32), bias = torch::randn({D}, f32) * 0.1, h0 = torch::randn({B, D, N}, f32);
+    auto reset = torch::rand({B, L}, torch::TensorOptions(device)) < 0.001;
+    json scan_shape = {{"batch", B}, {"dim", D}, {"length", L}, {"dstate", N}};
+    // Reads u, delta, z, B, C, the initial state and the resets; writes y and the final state.
+    const double scan_bytes = e * (4.0 * B * D * L + 2.0 * B * N * L) + es * 2.0 * B * D * N + B * L;
+    record("selective_scan_fwd", dt, scan_shape, scan_bytes, time_it(device, repeats, [&] {
+             sm::selective_scan(u, delta, A, Bm, Cm, Dv, z, bias, true, h0, reset);
+           }));
+    {
+      torch::AutoGradMode grad(true);
+      auto ug = u.clone().requires_grad_(), dg = delta.clone().requires_grad_(), Bg = Bm.clone().requires_grad_();
+      auto Cg = Cm.clone().requires_grad_(), zg = z.clone().requires_grad_(), h0g = h0.clone().requires_grad_();
+      // Backward also writes du, ddelta, dz, dB, dC and reads dy: roughly 2.5x the forward's traffic.
+      record("selective_scan_fwd_bwd", dt, scan_shape, 2.5 * scan_bytes, time_it(device, repeats, [&] {
+               auto [y, hT] = sm::selective_scan(ug, dg, A, Bg, Cg, Dv, zg, bias, true, h0g, reset);
+               (y.sum() + hT.sum()).backward();
+             }));
+    }
+    auto w = torch::randn({D, W}, f32), cb = torch::randn({D}, f32), c0 = torch::randn({B, D, W - 1}, f32);
+    const double conv_bytes = e * 2.0 * B * D * L + es * 2.0 * B * D * (W - 1) + B * L;
+    record("causal_conv1d_fwd", dt, {{"batch", B}, {"dim", D}, {"length", L}, {"width", W}}, conv_bytes,
+           time_it(device, repeats, [&] { sm::causal_conv1d(u, w, cb, c0, reset, true); }));
+
+    auto state = torch::randn({Bd, D, N}, f32), xs = torch::randn({Bd, D}, opt), dts = torch::randn({Bd, D}, opt);
+    auto Bs = torch::randn({Bd, N}, opt), Cs = torch::randn({Bd, N}, opt), zs = torch::randn({Bd, D}, opt);
+    const double upd_bytes = es * 2.0 * Bd * D * N + e * 4.0 * Bd * D;
+    record("selective_state_update", dt, {{"batch", Bd}, {"dim", D}, {"dstate", N}}, upd_bytes,
+           time_it(device, repeats, [&] { sm::selective_state_update(state, xs, dts, A, Bs, Cs, Dv, zs, bias, true); }));
+    auto cstate = torch::randn({Bd, D, W - 1}, f32);
+    record("causal_conv1d_update", dt, {{"batch", Bd}, {"dim", D}, {"width", W}}, es * 2.0 * Bd * D * (W - 1) + e * 2.0 * Bd * D,
+           time_it(device, repeats, [&] { sm::causal_conv1d_update(xs, cstate, w, cb, true); }));
+  }
+  out["cases"] = cases;
+  std::cout << out.dump(2) << std::endl;
+  return 0;
+}
