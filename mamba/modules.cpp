@@ -87,7 +87,7 @@ at::ScalarType MambaImpl::state_dtype() const { return ops::state_dtype_for(in_p
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> MambaImpl::dt_B_C(const at::Tensor& xc) const {
   const int64_t dt_rank = options.resolved_dt_rank(), d_state = options.d_state();
-  const auto x_dbl = x_proj->forward(xc);
+  const auto x_dbl = at::linear(xc, x_proj->weight);  // x_proj has no bias
   const auto dt = at::linear(x_dbl.narrow(-1, 0, dt_rank), dt_proj->weight);
   return {dt, x_dbl.narrow(-1, dt_rank, d_state), x_dbl.narrow(-1, dt_rank + d_state, d_state)};
 }

@@ -1,7 +1,6 @@
 // Bad inputs: every op rejects them with a c10::Error that names the op, the argument and what was
 // expected. Each case starts from valid inputs and breaks one thing.
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -9,24 +8,13 @@
 #include <vector>
 
 #include "ops/ops.h"
+#include "support/expect_error.h"
 #include "support/op_cases.h"
 
 namespace {
 
 using namespace statemamba::test;
 namespace ops = statemamba::ops;
-
-// Expects `call` to throw a c10::Error whose message contains every one of `parts`.
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& parts) {
-  std::string message;
-  try {
-    call();
-  } catch (const c10::Error& e) {
-    message = e.what_without_backtrace();
-  }
-  ASSERT_FALSE(message.empty()) << "no c10::Error; expected one mentioning '" << parts.front() << "'";
-  for (const auto& part : parts) EXPECT_NE(message.find(part), std::string::npos) << "\"" << part << "\" not in: " << message;
-}
 
 // Sizes of the valid cases below.
 constexpr int64_t kB = 2, kD = 3, kN = 4, kL = 9, kW = 4;

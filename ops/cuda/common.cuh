@@ -47,6 +47,13 @@ template <typename S, typename T> __device__ __forceinline__ S to(T v) { return 
 __device__ __forceinline__ float exp_scaled(float x_log2e) { return exp2f(x_log2e); }
 __device__ __forceinline__ double exp_scaled(double x_log2e) { return exp2(x_log2e); }
 
+// softplus through the fast exp/log intrinsics (torch's threshold of 20). Near 0 it is off from
+// log1p(exp(x)) by ~1e-7 absolute, far below what a step Δ of that size contributes. Every CUDA
+// kernel that computes Δ uses this one, so decode steps and sequence kernels agree bit for bit.
+__device__ __forceinline__ float softplus_fast(float x) {
+  return x > float(kSoftplusThreshold) ? x : __logf(1.f + __expf(x));
+}
+
 // ---- 16-byte asynchronous copies (sm_80+) into shared memory -----------------------------------
 // src_bytes < 16 zero-fills the rest of the 16 bytes; 0 reads nothing (src must still be a valid address).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
@@ -93,6 +100,69 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const T (&v)[
   memcpy(buf, &v, sizeof(buf));
 #pragma unroll
   for (int i = 0; i < n; ++i) reinterpret_cast<uint4*>(p)[i] = buf[i];
+}
+
+// Up to kN consecutive elements of a row kept as raw bits in registers, so a prefetch stays in
+// flight until its values are used (converting on arrival would wait for the load).
+template <typename T, int kN>
+struct Run {
+  static constexpr int kBytes = kN * int(sizeof(T));
+  uint4 v[(kBytes + 15) / 16];
+  __device__ __forceinline__ T get(int j) const {
+    T tmp[kN];
+    memcpy(tmp, v, sizeof(tmp));
+    return tmp[j];
+  }
+};
+
+// Loads row[t, t + n) (n <= kN) into r, zeros past L; vector loads when `vec` (row 16-byte
+// aligned, t a multiple of n) and the whole run is in range.
+template <typename T, int kN>
+__device__ __forceinline__ void load_run(Run<T, kN>& r, const T* row, int64_t t, int64_t L, int n, bool vec) {
+  const int bytes = n * int(sizeof(T));
+  if (vec && t + n <= L) {
+    if (bytes == 32 && Run<T, kN>::kBytes >= 32) {
+      r.v[0] = *reinterpret_cast<const uint4*>(row + t);
+      r.v[Run<T, kN>::kBytes >= 32 ? 1 : 0] = *reinterpret_cast<const uint4*>(row + t + 16 / sizeof(T));
+      return;
+    }
+    if (bytes == 16 && Run<T, kN>::kBytes >= 16) {
+      r.v[0] = *reinterpret_cast<const uint4*>(row + t);
+      return;
+    }
+    if (bytes == 8) {
+      const uint2 x = *reinterpret_cast<const uint2*>(row + t);
+      r.v[0].x = x.x, r.v[0].y = x.y;
+      return;
+    }
+  }
+  T tmp[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) tmp[j] = (j < n && t + j < L) ? row[t + j] : T(0);
+  memcpy(r.v, tmp, sizeof(tmp));
+}
+
+// Stores v[0, n) to row[t, ...), skipping positions past L; vector stores as load_run.
+template <typename T, int kN>
+__device__ __forceinline__ void store_run(T* row, int64_t t, int64_t L, int n, bool vec, const float (&v)[kN]) {
+  T tmp[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) tmp[j] = T(v[j]);
+  const int bytes = n * int(sizeof(T));
+  if (vec && t + n <= L && (bytes == 8 || bytes == 16 || bytes == 32) && bytes <= int(sizeof(tmp))) {
+    uint4 buf[(sizeof(tmp) + 15) / 16] = {};
+    memcpy(buf, tmp, sizeof(tmp));
+    if (bytes == 8) {
+      *reinterpret_cast<uint2*>(row + t) = make_uint2(buf[0].x, buf[0].y);
+    } else {
+      *reinterpret_cast<uint4*>(row + t) = buf[0];
+      if (bytes == 32) *reinterpret_cast<uint4*>(row + t + 16 / sizeof(T)) = buf[sizeof(tmp) > 16 ? 1 : 0];
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+    if (j < n && t + j < L) row[t + j] = tmp[j];
 }
 
 template <typename S> __device__ __forceinline__ S warp_sum(S v) {

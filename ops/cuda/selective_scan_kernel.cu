@@ -1,15 +1,17 @@
 // CUDA selective scan, forward and backward.
 //
 // Fast path (float32 / float16 / bfloat16 inputs, d_state <= 128): a block owns one batch row and
-// DT channels; each channel is split over G lanes that hold 4 states each in registers (DT·G = 128
-// threads), and every lane runs the recurrence sequentially over time. That keeps one exp2 (MUFU)
-// and three FMAs per (state, step) with no cross-thread scan, which is what bounds this op.
-// Time is walked in tiles: the next tile's u/delta/z/B/C are copied into shared memory with
-// cp.async while the current one is scanned; a prep pass turns each tile into Δ, Δ·u and
-// transposed float32 B/C once per element (not once per state lane), and y's partial sums over
-// the G lanes are reduced through shared memory and stored coalesced. Resets are a per-tile
-// bitmask (the block shares its batch row, so the branch is uniform). The kernel starts from
-// initial_state and writes the final state when it leaves the loop.
+// DT channels; each channel is split over G >= 4 lanes of one warp that hold 4 states each in
+// registers (DT·G = 128 threads), and every lane runs the recurrence sequentially over time. That
+// keeps one exp2 (MUFU) and three FMAs per (state, step) with no cross-thread scan, which is what
+// bounds this op. Time is walked in tiles. Each lane owns a fixed slice of its channel's tile
+// columns: it prefetches that slice of u/delta/z (and grad_y) into registers one tile ahead,
+// turns it into Δ and Δ·u (once per element, not once per state lane), and after the scan sums
+// y's per-lane partials for the slice and stores it, so per-channel constants stay in registers
+// and every loop has a fixed trip count. B and C (shared by the block) come through cp.async into
+// shared memory and are transposed to float32 [t][n] once per tile. Resets are a per-tile bitmask
+// (the block shares its batch row, so the test is uniform). The kernel starts from initial_state
+// and writes the final state when it leaves the loop.
 //
 // Backward: a checkpointing forward pass (the same kernel) stores h every kTb steps; the backward
 // kernel walks tiles of kTb steps in reverse, recomputes the tile's states into registers from the
@@ -31,12 +33,13 @@ namespace {
 using namespace statemamba::ops::cuda;
 
 constexpr int kThreads = 128;
-constexpr int kStates = 4;     // states per lane
-constexpr int kMaxFastN = 128;  // G <= 32 lanes per channel
-constexpr int kTf = 32;        // forward time tile
-constexpr int kTb = 16;        // backward time tile = checkpoint spacing
-constexpr int kSub = 8;        // backward steps per dB/dC block reduction
-constexpr int kPad = 4;        // floats of padding per shared row (keeps 16-byte rows off one bank)
+constexpr int kStates = 4;      // states per lane
+constexpr int kMinLanes = 4;    // lanes per channel, at least (so a lane's tile slice is <= 8 wide)
+constexpr int kMaxFastN = 128;  // G <= 32: a channel's lanes stay in one warp
+constexpr int kTf = 32;         // forward time tile
+constexpr int kTb = 16;         // backward time tile = checkpoint spacing
+constexpr int kSub = 8;         // backward steps per dB/dC block reduction
+constexpr int kPad = 4;         // floats of padding per shared row (keeps 16-byte rows off one bank)
 
 template <typename T>
 struct ScanParams {
@@ -52,17 +55,16 @@ struct ScanParams {
 
 __host__ __device__ inline size_t round16(size_t b) { return (b + 15) & ~size_t(15); }
 
-// Shared-memory layout of both kernels (byte offsets), from the lane split and the input width.
+// Shared-memory layout (byte offsets) of both kernels.
 struct Layout {
-  size_t stage, stage0, dt, dtu, gyc, Bf, Cf, p1, p2, red, dD, db, mask, total;
+  size_t stage, stage0, dt, dtu, gyc, Bf, Cf, p1, p2, red, mask, total;
 };
 
-// kRows: how many [DT][Tc] input tiles a stage holds (u, delta, z; + grad_y in backward).
-__host__ __device__ inline Layout make_layout(int Tc, int rows_tiles, bool backward, int G, int N, int elem) {
-  const int DT = kThreads / G, Np = kStates * G;
+__host__ __device__ inline Layout make_layout(bool backward, int G, int N, int elem) {
+  const int DT = kThreads / G, Np = kStates * G, Tc = backward ? kTb : kTf;
   Layout l{};
   size_t o = 0;
-  l.stage = round16(size_t(rows_tiles * DT + 2 * N) * Tc * elem);
+  l.stage = round16(size_t(2) * N * Tc * elem);  // B and C tiles as they arrive
   l.stage0 = o, o += 2 * l.stage;
   l.dt = o, o += round16(size_t(DT) * (Tc + kPad) * 4);
   l.dtu = o, o += round16(size_t(DT) * (Tc + kPad) * 4);
@@ -72,11 +74,30 @@ __host__ __device__ inline Layout make_layout(int Tc, int rows_tiles, bool backw
   l.p1 = o, o += round16(size_t(kThreads) * (Tc + kPad) * 4);
   l.p2 = o, o += backward ? round16(size_t(kThreads) * (Tc + kPad) * 4) : 0;
   l.red = o, o += backward ? round16(size_t(2) * kSub * DT * Np * 4) : 0;
-  l.dD = o, o += backward ? round16(size_t(DT) * 4) : 0;
-  l.db = o, o += backward ? round16(size_t(DT) * 4) : 0;
   l.mask = o, o += 16;
   l.total = o;
   return l;
+}
+
+// B/C tile (stage: [N][Tc] in T) -> float32 [Tc][Np + kPad], zero for padding states and steps.
+template <typename T, int Tc>
+__device__ __forceinline__ void convert_bc(float* dst, const T* src, int N, int Np, int64_t t0, int64_t L, int tid) {
+  const int BS = Np + kPad;
+  for (int e = tid; e < Np * (Tc / 4); e += kThreads) {
+    const int n = e / (Tc / 4), k = (e % (Tc / 4)) * 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dst[(k + j) * BS + n] = n < N && t0 + k + j < L ? to<float>(src[n * Tc + k + j]) : 0.f;
+  }
+}
+
+// Bit j: reset at step t0 + j (warp 0 builds it; every thread reads it after the next barrier).
+__device__ __forceinline__ void build_mask(unsigned* s_mask, const bool* reset, int b, int64_t t0, int64_t L, int Tc,
+                                           int tid) {
+  if (tid < 32) {
+    const bool r = reset && tid < Tc && t0 + tid < L && reset[int64_t(b) * L + t0 + tid];
+    const unsigned m = __ballot_sync(0xffffffffu, r);
+    if (tid == 0) *s_mask = m;
+  }
 }
 
 // ---- forward (also the checkpointing pass of the backward) ---------------------------------------
@@ -84,13 +105,14 @@ __host__ __device__ inline Layout make_layout(int Tc, int rows_tiles, bool backw
 template <typename T, bool kCkpt>
 __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate;
+  constexpr int RS = kTf + kPad;  // row stride of [DT][Tc] and [thread][Tc] float tiles
+  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate, BS = Np + kPad;
   const int64_t L = p.L;
   const int tid = threadIdx.x, dl = tid / G, g = tid % G;
   const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
-  const int rows = min(DT, p.dim - d0);
-  const bool active = dl < rows;
-  const Layout lay = make_layout(kTf, 3, false, G, N, sizeof(T));
+  const bool active = dl < min(DT, p.dim - d0);
+  const int per = kTf / G, k0 = g * per, nown = active ? per : 0;  // this lane's tile columns
+  const Layout lay = make_layout(false, G, N, sizeof(T));
   T* stage[2] = {reinterpret_cast<T*>(smem + lay.stage0), reinterpret_cast<T*>(smem + lay.stage0 + lay.stage)};
   float* s_dt = reinterpret_cast<float*>(smem + lay.dt);
   float* s_dtu = reinterpret_cast<float*>(smem + lay.dtu);
@@ -98,14 +120,11 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
   float* s_C = reinterpret_cast<float*>(smem + lay.Cf);
   float* s_y = reinterpret_cast<float*>(smem + lay.p1);
   unsigned* s_mask = reinterpret_cast<unsigned*>(smem + lay.mask);
-  constexpr int RS = kTf + kPad;  // row stride of the [DT][Tc] float tiles
-  const int BS = Np + kPad;       // row stride of the [Tc][Np] float tiles
-  const int uo = 0, delo = DT * kTf, zo = 2 * DT * kTf, Bo = 3 * DT * kTf, Co = Bo + N * kTf;
 
-  const int64_t row0 = int64_t(b) * p.dim + d0;
-  const T* gu = p.u + row0 * L;
-  const T* gdelta = p.delta + row0 * L;
-  const T* gz = p.z ? p.z + row0 * L : nullptr;
+  const int64_t rowoff = (int64_t(b) * p.dim + (active ? d : 0)) * L;
+  const T* gu = p.u + rowoff;
+  const T* gdelta = p.delta + rowoff;
+  const T* gz = !kCkpt && p.z ? p.z + rowoff : nullptr;
   const T* gB = p.B + int64_t(b) * N * L;
   const T* gC = p.C + int64_t(b) * N * L;
 
@@ -117,50 +136,64 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
     A2[i] = ok ? p.A[int64_t(d) * N + n] * kLog2e : 0.f;
     h[i] = ok && p.h0 ? p.h0[(int64_t(b) * p.dim + d) * N + n] : 0.f;
   }
-  auto issue = [&](int c, int s) {
+  const float bias_d = active && p.bias ? p.bias[d] : 0.f, D_d = active && p.D ? p.D[d] : 0.f;
+
+  Run<T, 8> nu{}, ndelta{}, nz{}, cu{}, cdelta{}, cz{};
+  auto fetch = [&](int c) {
+    const int64_t t = int64_t(c) * kTf + k0;
+    load_run(nu, gu, t, L, nown, p.aligned);
+    load_run(ndelta, gdelta, t, L, nown, p.aligned);
+    if (gz) load_run(nz, gz, t, L, nown, p.aligned);
+  };
+  auto issue_bc = [&](int c) {
     const int64_t t0 = int64_t(c) * kTf;
-    T* st = stage[s];
-    load_tile<T, kTf>(st + uo, gu, L, DT, rows, t0, p.aligned, tid, kThreads);
-    load_tile<T, kTf>(st + delo, gdelta, L, DT, rows, t0, p.aligned, tid, kThreads);
-    if (!kCkpt && gz) load_tile<T, kTf>(st + zo, gz, L, DT, rows, t0, p.aligned, tid, kThreads);
-    load_tile<T, kTf>(st + Bo, gB, L, N, N, t0, p.aligned, tid, kThreads);
-    if (!kCkpt) load_tile<T, kTf>(st + Co, gC, L, N, N, t0, p.aligned, tid, kThreads);
+    T* st = stage[c & 1];
+    load_tile<T, kTf>(st, gB, L, N, N, t0, p.aligned, tid, kThreads);
+    if (!kCkpt) load_tile<T, kTf>(st + N * kTf, gC, L, N, N, t0, p.aligned, tid, kThreads);
     cp_async_commit();
   };
 
   const int nch = int((L + kTf - 1) / kTf);
   const int nck = int((L + kTb - 1) / kTb);
-  issue(0, 0);
+  issue_bc(0);
+  fetch(0);
   for (int c = 0; c < nch; ++c) {
     const int64_t t0 = int64_t(c) * kTf;
     const T* st = stage[c & 1];
+    cu = nu, cdelta = ndelta, cz = nz;
     cp_async_wait_all();
-    __syncthreads();  // tile c is in; every thread is done with tile c-1
-    if (c + 1 < nch) issue(c + 1, (c + 1) & 1);
+    __syncthreads();  // B/C tile c is in; every thread is done with tile c-1
+    if (c + 1 < nch) {
+      issue_bc(c + 1);
+      fetch(c + 1);
+    }
 
-    // Prep: Δ and Δ·u once per element; B/C to float32 [t][n] (padding steps get Δ = 0: no-op).
-    for (int e = tid; e < DT * kTf; e += kThreads) {
-      const int r = e / kTf, k = e % kTf;
-      float dt = 0.f, dtu = 0.f;
-      if (r < rows && t0 + k < L) {
-        const float x = to<float>(st[delo + e]) + (p.bias ? p.bias[d0 + r] : 0.f);
-        dt = p.softplus ? softplus(x) : x;
-        dtu = dt * to<float>(st[uo + e]);
+    // Prep: Δ and Δ·u of this lane's columns (padding steps get Δ = 0, a no-op step).
+    {
+      float dtv[8], dtuv[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const bool ok = j < nown && t0 + k0 + j < L;
+        const float x = to<float>(cdelta.get(j)) + bias_d;
+        dtv[j] = ok ? (p.softplus ? softplus_fast(x) : x) : 0.f;
+        dtuv[j] = dtv[j] * to<float>(cu.get(j));
       }
-      s_dt[r * RS + k] = dt;
-      s_dtu[r * RS + k] = dtu;
+      float* wdt = s_dt + dl * RS + k0;
+      float* wdtu = s_dtu + dl * RS + k0;
+      if (per == 8) {
+        *reinterpret_cast<float4*>(wdt) = make_float4(dtv[0], dtv[1], dtv[2], dtv[3]);
+        *reinterpret_cast<float4*>(wdt + 4) = make_float4(dtv[4], dtv[5], dtv[6], dtv[7]);
+        *reinterpret_cast<float4*>(wdtu) = make_float4(dtuv[0], dtuv[1], dtuv[2], dtuv[3]);
+        *reinterpret_cast<float4*>(wdtu + 4) = make_float4(dtuv[4], dtuv[5], dtuv[6], dtuv[7]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (j < per) wdt[j] = dtv[j], wdtu[j] = dtuv[j];
+      }
     }
-    for (int e = tid; e < Np * kTf; e += kThreads) {
-      const int n = e / kTf, k = e % kTf;
-      const bool ok = n < N && t0 + k < L;
-      s_B[k * BS + n] = ok ? to<float>(st[Bo + n * kTf + k]) : 0.f;
-      if (!kCkpt) s_C[k * BS + n] = ok ? to<float>(st[Co + n * kTf + k]) : 0.f;
-    }
-    if (tid < 32) {
-      const bool r = p.reset && t0 + tid < L && p.reset[int64_t(b) * L + t0 + tid];
-      const unsigned m = __ballot_sync(0xffffffffu, r);
-      if (tid == 0) *s_mask = m;
-    }
+    convert_bc<T, kTf>(s_B, st, N, Np, t0, L, tid);
+    if (!kCkpt) convert_bc<T, kTf>(s_C, st + N * kTf, N, Np, t0, L, tid);
+    build_mask(s_mask, p.reset, b, t0, L, kTf, tid);
     __syncthreads();
 
     // Scan.
@@ -204,20 +237,29 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
       if (!kCkpt) *reinterpret_cast<float4*>(my_y + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
     }
 
-    // Epilogue: y = (Σ over lanes + D·u) · silu(z), one coalesced row segment per warp.
+    // Epilogue: y = (Σ over the channel's lanes + D·u) · silu(z) for this lane's columns. The
+    // channel's lanes share the warp, so the partial sums need no block barrier.
     if (!kCkpt) {
-      __syncthreads();
-      for (int e = tid; e < DT * kTf; e += kThreads) {
-        const int r = e / kTf, k = e % kTf;
-        if (r < rows && t0 + k < L) {
-          float acc = 0.f;
-          for (int gg = 0; gg < G; ++gg) acc += s_y[(r * G + gg) * RS + k];
-          const float Dr = p.D ? p.D[d0 + r] : 0.f;
-          acc = fmaf(Dr, to<float>(st[uo + e]), acc);
-          if (gz) acc *= silu(to<float>(st[zo + e]));
-          p.y[(row0 + r) * L + t0 + k] = T(acc);
+      __syncwarp();
+      float yv[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int gg = 0; gg < G; ++gg) {
+        const float* src = s_y + (dl * G + gg) * RS + k0;
+        if (per == 8) {
+          const float4 a = *reinterpret_cast<const float4*>(src), c4 = *reinterpret_cast<const float4*>(src + 4);
+          yv[0] += a.x, yv[1] += a.y, yv[2] += a.z, yv[3] += a.w;
+          yv[4] += c4.x, yv[5] += c4.y, yv[6] += c4.z, yv[7] += c4.w;
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (j < per) yv[j] += src[j];
         }
       }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        yv[j] = fmaf(D_d, to<float>(cu.get(j)), yv[j]);
+        if (gz) yv[j] *= silu(to<float>(cz.get(j)));
+      }
+      if (nown) store_run(p.y + rowoff, t0 + k0, L, nown, p.aligned, yv);
     }
   }
   if (!kCkpt && active && p.hT) {
@@ -234,13 +276,16 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate;
+  constexpr int RS = kTb + kPad;
+  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate, BS = Np + kPad;
   const int64_t L = p.L;
   const int tid = threadIdx.x, dl = tid / G, g = tid % G;
   const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
   const int rows = min(DT, p.dim - d0);
   const bool active = dl < rows;
-  const Layout lay = make_layout(kTb, 4, true, G, N, sizeof(T));
+  // This lane's tile columns (with 32 lanes per channel, lanes 16.. own none).
+  const int per = max(1, kTb / G), k0 = g * per, ncols = k0 < kTb ? per : 0, nown = active ? ncols : 0;
+  const Layout lay = make_layout(true, G, N, sizeof(T));
   T* stage[2] = {reinterpret_cast<T*>(smem + lay.stage0), reinterpret_cast<T*>(smem + lay.stage0 + lay.stage)};
   float* s_dt = reinterpret_cast<float*>(smem + lay.dt);
   float* s_dtu = reinterpret_cast<float*>(smem + lay.dtu);
@@ -250,18 +295,13 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
   float* s_p1 = reinterpret_cast<float*>(smem + lay.p1);
   float* s_p2 = reinterpret_cast<float*>(smem + lay.p2);
   float* s_red = reinterpret_cast<float*>(smem + lay.red);
-  float* s_dD = reinterpret_cast<float*>(smem + lay.dD);
-  float* s_db = reinterpret_cast<float*>(smem + lay.db);
   unsigned* s_mask = reinterpret_cast<unsigned*>(smem + lay.mask);
-  constexpr int RS = kTb + kPad;
-  const int BS = Np + kPad;
-  const int uo = 0, delo = DT * kTb, zo = 2 * DT * kTb, gyo = 3 * DT * kTb, Bo = 4 * DT * kTb, Co = Bo + N * kTb;
 
-  const int64_t row0 = int64_t(b) * p.dim + d0;
-  const T* gu = p.u + row0 * L;
-  const T* gdelta = p.delta + row0 * L;
-  const T* gz = p.z ? p.z + row0 * L : nullptr;
-  const T* ggy = p.gy + row0 * L;
+  const int64_t rowoff = (int64_t(b) * p.dim + (active ? d : 0)) * L;
+  const T* gu = p.u + rowoff;
+  const T* gdelta = p.delta + rowoff;
+  const T* gz = p.z ? p.z + rowoff : nullptr;
+  const T* ggy = p.gy + rowoff;
   const T* gB = p.B + int64_t(b) * N * L;
   const T* gC = p.C + int64_t(b) * N * L;
 
@@ -274,25 +314,32 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     dh[i] = ok && p.gfinal ? p.gfinal[(int64_t(b) * p.dim + d) * N + n] : 0.f;
     dAacc[i] = 0.f;
   }
-  if (tid < DT) s_dD[tid] = s_db[tid] = 0.f;
+  const float bias_d = active && p.bias ? p.bias[d] : 0.f, D_d = active && p.D ? p.D[d] : 0.f;
+  float accD = 0.f, accBias = 0.f;
 
-  auto issue = [&](int c, int s) {
+  Run<T, 4> nu{}, ndelta{}, nz{}, ngy{}, cu{}, cdelta{}, cz{}, cgy{};
+  auto fetch = [&](int c) {
+    const int64_t t = int64_t(c) * kTb + k0;
+    load_run(nu, gu, t, L, nown, p.aligned);
+    load_run(ndelta, gdelta, t, L, nown, p.aligned);
+    if (gz) load_run(nz, gz, t, L, nown, p.aligned);
+    load_run(ngy, ggy, t, L, nown, p.aligned);
+  };
+  auto issue_bc = [&](int c) {
     const int64_t t0 = int64_t(c) * kTb;
-    T* st = stage[s];
-    load_tile<T, kTb>(st + uo, gu, L, DT, rows, t0, p.aligned, tid, kThreads);
-    load_tile<T, kTb>(st + delo, gdelta, L, DT, rows, t0, p.aligned, tid, kThreads);
-    if (gz) load_tile<T, kTb>(st + zo, gz, L, DT, rows, t0, p.aligned, tid, kThreads);
-    load_tile<T, kTb>(st + gyo, ggy, L, DT, rows, t0, p.aligned, tid, kThreads);
-    load_tile<T, kTb>(st + Bo, gB, L, N, N, t0, p.aligned, tid, kThreads);
-    load_tile<T, kTb>(st + Co, gC, L, N, N, t0, p.aligned, tid, kThreads);
+    T* st = stage[c & 1];
+    load_tile<T, kTb>(st, gB, L, N, N, t0, p.aligned, tid, kThreads);
+    load_tile<T, kTb>(st + N * kTb, gC, L, N, N, t0, p.aligned, tid, kThreads);
     cp_async_commit();
   };
 
   const int nch = int((L + kTb - 1) / kTb);
-  issue(nch - 1, (nch - 1) & 1);
+  issue_bc(nch - 1);
+  fetch(nch - 1);
   for (int c = nch - 1; c >= 0; --c) {
     const int64_t t0 = int64_t(c) * kTb;
     const T* st = stage[c & 1];
+    cu = nu, cdelta = ndelta, cz = nz, cgy = ngy;
     float hst[kStates] = {0.f, 0.f, 0.f, 0.f};
     if (active) {
       const float4 v =
@@ -301,32 +348,27 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     }
     cp_async_wait_all();
     __syncthreads();
-    if (c > 0) issue(c - 1, (c - 1) & 1);
+    if (c > 0) {
+      issue_bc(c - 1);
+      fetch(c - 1);
+    }
 
-    for (int e = tid; e < DT * kTb; e += kThreads) {
-      const int r = e / kTb, k = e % kTb;
-      float dt = 0.f, dtu = 0.f, gy = 0.f;
-      if (r < rows && t0 + k < L) {
-        const float x = to<float>(st[delo + e]) + (p.bias ? p.bias[d0 + r] : 0.f);
-        dt = p.softplus ? softplus(x) : x;
-        dtu = dt * to<float>(st[uo + e]);
-        gy = to<float>(st[gyo + e]);
+    float dtv[4], gyv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const bool ok = j < nown && t0 + k0 + j < L;
+      const float x = to<float>(cdelta.get(j)) + bias_d;
+      dtv[j] = ok ? (p.softplus ? softplus_fast(x) : x) : 0.f;
+      gyv[j] = ok ? to<float>(cgy.get(j)) : 0.f;
+      if (j < ncols) {
+        s_dt[dl * RS + k0 + j] = dtv[j];
+        s_dtu[dl * RS + k0 + j] = dtv[j] * to<float>(cu.get(j));
+        if (!gz) s_gyc[dl * RS + k0 + j] = gyv[j];
       }
-      s_dt[r * RS + k] = dt;
-      s_dtu[r * RS + k] = dtu;
-      if (!gz) s_gyc[r * RS + k] = gy;
     }
-    for (int e = tid; e < Np * kTb; e += kThreads) {
-      const int n = e / kTb, k = e % kTb;
-      const bool ok = n < N && t0 + k < L;
-      s_B[k * BS + n] = ok ? to<float>(st[Bo + n * kTb + k]) : 0.f;
-      s_C[k * BS + n] = ok ? to<float>(st[Co + n * kTb + k]) : 0.f;
-    }
-    if (tid < 32) {
-      const bool r = p.reset && tid < kTb && t0 + tid < L && p.reset[int64_t(b) * L + t0 + tid];
-      const unsigned m = __ballot_sync(0xffffffffu, r);
-      if (tid == 0) *s_mask = m;
-    }
+    convert_bc<T, kTb>(s_B, st, N, Np, t0, L, tid);
+    convert_bc<T, kTb>(s_C, st + N * kTb, N, Np, t0, L, tid);
+    build_mask(s_mask, p.reset, b, t0, L, kTb, tid);
     __syncthreads();
 
     const unsigned mask = *s_mask;
@@ -340,11 +382,13 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
       float hc[kStates] = {hst[0], hst[1], hst[2], hst[3]};
 #pragma unroll
       for (int j4 = 0; j4 < kTb / 4; ++j4) {
+        const float4 dt4 = *reinterpret_cast<const float4*>(my_dt + 4 * j4);
+        const float4 dtu4 = *reinterpret_cast<const float4*>(my_dtu + 4 * j4);
+        const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
         float yv[4];
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) {
           const int j = 4 * j4 + jj;
-          const float dt = my_dt[j], dtu = my_dtu[j];
           const float4 Bv = *reinterpret_cast<const float4*>(s_B + j * BS + kStates * g);
           const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
           if (mask & (1u << j)) {
@@ -353,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
           }
 #pragma unroll
           for (int i = 0; i < kStates; ++i) {
-            hc[i] = fmaf(exp_scaled(dt * A2[i]), hc[i], dtu * Bs[i]);
+            hc[i] = fmaf(exp_scaled(dts[jj] * A2[i]), hc[i], dtus[jj] * Bs[i]);
             hs[j][i] = hc[i];
           }
           if (gz) {
@@ -369,28 +413,29 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
         if (gz) *reinterpret_cast<float4*>(s_p1 + tid * RS + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
       }
     }
+    // With z: the gate's gradient needs y before the gate, summed over the channel's lanes.
     if (gz) {
-      __syncthreads();
-      for (int e = tid; e < DT * kTb; e += kThreads) {
-        const int r = e / kTb, k = e % kTb;
-        float gyc = 0.f;
-        if (r < rows && t0 + k < L) {
-          float yc = 0.f;
-          for (int gg = 0; gg < G; ++gg) yc += s_p1[(r * G + gg) * RS + k];
-          const float Dr = p.D ? p.D[d0 + r] : 0.f;
-          yc = fmaf(Dr, to<float>(st[uo + e]), yc);
-          const float zz = to<float>(st[zo + e]), gy = to<float>(st[gyo + e]);
-          p.dz[(row0 + r) * L + t0 + k] = T(gy * yc * silu_grad(zz));
-          gyc = gy * silu(zz);
-        }
-        s_gyc[r * RS + k] = gyc;
+      __syncwarp();
+      float yc[4] = {0.f, 0.f, 0.f, 0.f}, dzv[4];
+      for (int gg = 0; gg < G; ++gg)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (j < nown) yc[j] += s_p1[(dl * G + gg) * RS + k0 + j];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float zz = to<float>(cz.get(j));
+        yc[j] = fmaf(D_d, to<float>(cu.get(j)), yc[j]);
+        dzv[j] = gyv[j] * yc[j] * silu_grad(zz);
+        if (j < ncols) s_gyc[dl * RS + k0 + j] = gyv[j] * silu(zz);
       }
-      __syncthreads();
+      if (nown) store_run(p.dz + rowoff, t0 + k0, L, nown, p.aligned, dzv);
     }
+    __syncwarp();
 
     // Adjoint recurrence, newest step first; dh is the gradient w.r.t. the state after the step.
 #pragma unroll
     for (int half = kTb / kSub - 1; half >= 0; --half) {
+      float sBq[4], qq[4];
 #pragma unroll
       for (int jj = kSub - 1; jj >= 0; --jj) {
         const int j = half * kSub + jj;
@@ -416,53 +461,61 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
         float* red = s_red + (jj * DT + dl) * Np + kStates * g;
         *reinterpret_cast<float4*>(red) = make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
         *reinterpret_cast<float4*>(red + kSub * DT * Np) = make_float4(dCv[0], dCv[1], dCv[2], dCv[3]);
-        s_p1[tid * RS + j] = sB;
-        s_p2[tid * RS + j] = q;
+        sBq[j % 4] = sB, qq[j % 4] = q;
+        if (j % 4 == 0) {
+          *reinterpret_cast<float4*>(s_p1 + tid * RS + j) = make_float4(sBq[0], sBq[1], sBq[2], sBq[3]);
+          *reinterpret_cast<float4*>(s_p2 + tid * RS + j) = make_float4(qq[0], qq[1], qq[2], qq[3]);
+        }
       }
       __syncthreads();
-      // dB/dC of these kSub steps, summed over the block's channels.
-      for (int e = tid; e < 2 * kSub * Np; e += kThreads) {
-        const int which = e / (kSub * Np), jj = (e / Np) % kSub, n = e % Np;
+      // dB/dC of these kSub steps summed over the block's channels: pairs of lanes split the rows
+      // (interleaved, which keeps the 16-byte reads off shared banks), then one adds to global.
+      const int nq = Np / 4;
+      for (int e = tid; e < 2 * kSub * nq * 2; e += kThreads) {
+        const int rh = e & 1, q4 = (e >> 1) % nq, jj = (e >> 1) / nq % kSub, which = (e >> 1) / nq / kSub;
+        const float* src = s_red + (which * kSub + jj) * DT * Np + kStates * q4;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r = rh; r < rows; r += 2) {
+          const float4 v = *reinterpret_cast<const float4*>(src + r * Np);
+          acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+        }
+        acc.x += __shfl_xor_sync(0xffffffffu, acc.x, 1);
+        acc.y += __shfl_xor_sync(0xffffffffu, acc.y, 1);
+        acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
+        acc.w += __shfl_xor_sync(0xffffffffu, acc.w, 1);
         const int64_t t = t0 + half * kSub + jj;
-        if (n < N && t < L) {
-          const float* src = s_red + (which * kSub + jj) * DT * Np + n;
-          float acc = 0.f;
-          for (int r = 0; r < rows; ++r) acc += src[r * Np];
-          atomicAdd((which ? p.dC : p.dB) + (int64_t(b) * N + n) * L + t, acc);
+        if (rh == 0 && t < L) {
+          float* dst = (which ? p.dC : p.dB) + int64_t(b) * N * L + t;
+          const float vals[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (kStates * q4 + i < N) atomicAdd(dst + int64_t(kStates * q4 + i) * L, vals[i]);
         }
       }
       __syncthreads();
     }
 
-    // du, ddelta, and the per-channel sums for dD and ddelta_bias.
-    for (int e = tid; e < DT * kTb; e += kThreads) {
-      const int r = e / kTb, k = e % kTb;
-      float vD = 0.f, vb = 0.f;
-      if (r < rows && t0 + k < L) {
-        float S = 0.f, Q = 0.f;
-        for (int gg = 0; gg < G; ++gg) {
-          S += s_p1[(r * G + gg) * RS + k];
-          Q += s_p2[(r * G + gg) * RS + k];
-        }
-        Q *= kLn2;  // q was summed against A·log2(e)
-        const float dt = s_dt[r * RS + k], gyc = s_gyc[r * RS + k];
-        const float uu = to<float>(st[uo + e]);
-        const float Dr = p.D ? p.D[d0 + r] : 0.f;
-        const float ddt = fmaf(uu, S, Q);
-        float draw = ddt;
-        if (p.softplus) draw *= softplus_grad(to<float>(st[delo + e]) + (p.bias ? p.bias[d0 + r] : 0.f));
-        p.du[(row0 + r) * L + t0 + k] = T(fmaf(dt, S, gyc * Dr));
-        p.ddelta[(row0 + r) * L + t0 + k] = T(draw);
-        vD = gyc * uu;
-        vb = draw;
-      }
-      // The 16 lanes of a half-warp share one channel row.
+    // du, ddelta for this lane's columns; dD and ddelta_bias accumulate per lane.
+    {
+      float S[4] = {0.f, 0.f, 0.f, 0.f}, Q[4] = {0.f, 0.f, 0.f, 0.f}, du[4], dd[4];
+      for (int gg = 0; gg < G; ++gg)
 #pragma unroll
-      for (int o = kTb / 2; o > 0; o >>= 1) {
-        vD += __shfl_xor_sync(0xffffffffu, vD, o);
-        vb += __shfl_xor_sync(0xffffffffu, vb, o);
+        for (int j = 0; j < 4; ++j)
+          if (j < nown) S[j] += s_p1[(dl * G + gg) * RS + k0 + j], Q[j] += s_p2[(dl * G + gg) * RS + k0 + j];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const bool ok = j < nown && t0 + k0 + j < L;
+        const float gyc = j < nown ? my_gyc[k0 + j] : 0.f;
+        const float uu = to<float>(cu.get(j));
+        const float ddt = fmaf(uu, S[j], Q[j] * kLn2);  // q was summed against A·log2(e)
+        dd[j] = p.softplus ? ddt * softplus_grad(to<float>(cdelta.get(j)) + bias_d) : ddt;
+        du[j] = fmaf(dtv[j], S[j], gyc * D_d);
+        if (ok) accD = fmaf(gyc, uu, accD), accBias += dd[j];
       }
-      if (k == 0 && r < rows) s_dD[r] += vD, s_db[r] += vb;
+      if (nown) {
+        store_run(p.du + rowoff, t0 + k0, L, nown, p.aligned, du);
+        store_run(p.ddelta + rowoff, t0 + k0, L, nown, p.aligned, dd);
+      }
     }
   }
 
@@ -476,10 +529,14 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
       }
     }
   }
-  __syncthreads();
-  if (tid < rows) {
-    if (p.dD) atomicAdd(p.dD + d0 + tid, s_dD[tid]);
-    if (p.dbias) atomicAdd(p.dbias + d0 + tid, s_db[tid]);
+  // dD, ddelta_bias: sum the channel's lanes (adjacent in the warp), one atomic per channel.
+  for (int o = G / 2; o > 0; o >>= 1) {
+    accD += __shfl_xor_sync(0xffffffffu, accD, o);
+    accBias += __shfl_xor_sync(0xffffffffu, accBias, o);
+  }
+  if (active && g == 0) {
+    if (p.dD) atomicAdd(p.dD + d, accD);
+    if (p.dbias) atomicAdd(p.dbias + d, accBias);
   }
 }
 
@@ -603,7 +660,7 @@ void allow_smem(Kernel kernel, size_t bytes) {
 
 bool use_fast_path(const ScanDims& s) { return s.state_dtype == at::kFloat && s.dstate <= kMaxFastN; }
 
-int lanes_for(int64_t N) { return pow2_ceil(ceil_div(N, kStates)); }
+int lanes_for(int64_t N) { return std::max(kMinLanes, pow2_ceil(ceil_div(N, kStates))); }
 
 template <typename T>
 ScanParams<T> fast_params(const ScanDims& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -617,16 +674,24 @@ ScanParams<T> fast_params(const ScanDims& s, const at::Tensor& u, const at::Tens
   p.batch = int(s.batch), p.dim = int(s.dim), p.dstate = int(s.dstate), p.L = s.seqlen;
   p.G = lanes_for(s.dstate);
   p.softplus = softplus;
-  constexpr int V = 16 / sizeof(T);
-  p.aligned = s.seqlen % V == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.B) && aligned16(p.C) &&
-              (!p.z || aligned16(p.z));
   return p;
+}
+
+// 16-byte paths: every row of every [.., L] tensor starts 16-byte aligned.
+template <typename T>
+bool rows_aligned(const ScanParams<T>& p) {
+  bool ok = p.L * int64_t(sizeof(T)) % 16 == 0;
+  for (const void* q : {(const void*)p.u, (const void*)p.delta, (const void*)p.z, (const void*)p.B, (const void*)p.C,
+                        (const void*)p.gy, (const void*)p.y, (const void*)p.du, (const void*)p.ddelta,
+                        (const void*)p.dz})
+    ok = ok && (!q || aligned16(q));
+  return ok;
 }
 
 template <typename T, bool kCkpt>
 void launch_fwd(const ScanParams<T>& p) {
   auto kernel = scan_fwd_kernel<T, kCkpt>;
-  const Layout lay = make_layout(kTf, 3, false, p.G, p.dstate, sizeof(T));
+  const Layout lay = make_layout(false, p.G, p.dstate, sizeof(T));
   allow_smem(kernel, lay.total);
   const dim3 grid(ceil_div(p.dim, kThreads / p.G), p.batch);
   kernel<<<grid, kThreads, lay.total, current_stream()>>>(p);
@@ -636,7 +701,7 @@ void launch_fwd(const ScanParams<T>& p) {
 template <typename T>
 void launch_bwd(const ScanParams<T>& p) {
   auto kernel = scan_bwd_kernel<T>;
-  const Layout lay = make_layout(kTb, 4, true, p.G, p.dstate, sizeof(T));
+  const Layout lay = make_layout(true, p.G, p.dstate, sizeof(T));
   allow_smem(kernel, lay.total);
   const dim3 grid(ceil_div(p.dim, kThreads / p.G), p.batch);
   kernel<<<grid, kThreads, lay.total, current_stream()>>>(p);
@@ -700,6 +765,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cuda(
   SM_DISPATCH_FAST(u.scalar_type(), "selective_scan_cuda", [&] {
     auto p = fast_params<scalar_t>(s, uc, deltac, Af, Bc, Cc, Df, zc, biasf, h0, rst, delta_softplus);
     p.y = y.data_ptr<scalar_t>(), p.hT = final_state.data_ptr<float>();
+    p.aligned = rows_aligned(p);
     launch_fwd<scalar_t, false>(p);
   });
   return {y, final_state};
@@ -766,10 +832,10 @@ selective_scan_backward_cuda(const at::Tensor& grad_y, const std::optional<at::T
         using T = scalar_t;
         auto p = fast_params<T>(s, uc, deltac, Af, Bc, Cc, Df, zc, biasf, h0, rst, delta_softplus);
         p.ckpt = ckpt.data_ptr<float>();
-        launch_fwd<T, true>(p);
         p.gy = gy.data_ptr<T>(), p.gfinal = ptr<float>(gfinal);
-        p.aligned = p.aligned && aligned16(p.gy);
         p.du = du.data_ptr<T>(), p.ddelta = ddelta.data_ptr<T>(), p.dz = mptr<T>(dz);
+        p.aligned = rows_aligned(p);
+        launch_fwd<T, true>(p);
         p.dA = dA.data_ptr<float>(), p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
         p.dD = dD.data_ptr<float>(), p.dbias = dbias.data_ptr<float>(), p.dh0 = initial_state ? dh0.data_ptr<float>() : nullptr;
         launch_bwd<T>(p);

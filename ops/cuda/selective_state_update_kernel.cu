@@ -2,7 +2,8 @@
 //
 // Fast path (float32 state, d_state <= 128): G lanes per (batch, channel) row, 4 states each, as in
 // the sequence kernel (ops/cuda/selective_scan_kernel.cu), with the same arithmetic in the same
-// order (exp2 of Δ·A·log2 e, per-lane partial sums added lane by lane, then D·u, then the gate),
+// order (fast softplus, exp2 of Δ·A·log2 e, per-lane partial sums added lane by lane, then D·u,
+// then the gate),
 // so stepping token by token reproduces the sequence kernel bit for bit. State rows are read and
 // written with 16-byte accesses, coalesced across the row's lanes; the op is bound by that traffic
 // (8 bytes per state element) at large batch and by launch latency at batch 1.
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) ssu_kernel(const SsuParams<T, float>
     const int b = int(row / p.dim), d = int(row % p.dim);
     xv = to<float>(p.x[row]);
     const float raw = to<float>(p.dt[row]) + (p.bias ? p.bias[d] : 0.f);
-    const float dt = p.softplus ? softplus(raw) : raw, dtu = dt * xv;
+    const float dt = p.softplus ? softplus_fast(raw) : raw, dtu = dt * xv;
     const bool rst = p.reset && p.reset[b];
     const int n0 = kStates * g;
     if (n0 < N) {
@@ -133,7 +134,7 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
       p.A = Af.data_ptr<float>(), p.D = ptr<float>(Df), p.bias = ptr<float>(bf), p.reset = ptr<bool>(rst);
       p.y = y.data_ptr<T>();
       p.batch = int(s.batch), p.dim = int(s.dim), p.dstate = int(s.dstate), p.softplus = dt_softplus;
-      p.G = pow2_ceil(ceil_div(s.dstate, kStates));
+      p.G = std::max(4, pow2_ceil(ceil_div(s.dstate, kStates)));  // as the sequence kernel
       p.vec = s.dstate % kStates == 0 && aligned16(p.state);
       ssu_kernel<T><<<ceil_div(rows, kThreads / p.G), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
