@@ -8,6 +8,7 @@
 #include <torch/serialize/output-archive.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,8 +16,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <functional>
+#include <mutex>
 
 #include "state/state.h"
 
@@ -27,8 +28,21 @@ constexpr const char* kFormatName = "statemamba.MambaStackState";
 
 enum class Format { kTorch, kHdf5 };
 
+// POSIX rather than std::filesystem: libtorch.so exports its own, partly broken, copy of
+// std::filesystem's functions, which then stand in for libstdc++'s in every program linking torch.
+bool is_kind(const std::string& path, mode_t kind) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && (st.st_mode & S_IFMT) == kind;
+}
+
+std::string directory_of(const std::string& path) {
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
 Format format_of(const std::string& path, const char* what) {
-  std::string ext = std::filesystem::path(path).extension().string();
+  const auto slash = path.rfind('/'), dot = path.rfind('.');
+  std::string ext = dot != std::string::npos && (slash == std::string::npos || dot > slash + 1) ? path.substr(dot) : "";
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
   if (ext == ".pt") return Format::kTorch;
   if (ext == ".h5" || ext == ".hdf5") return Format::kHdf5;
@@ -83,10 +97,9 @@ void sync_file(const std::string& path) {
 // Writes through `write(temp)` to a temporary file beside `path`, flushes it, then renames it over
 // `path`: the rename is atomic within one file system, so `path` is always a whole file.
 void write_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
-  namespace fs = std::filesystem;
-  const fs::path dir = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
-  TORCH_CHECK(fs::is_directory(dir), "MambaStackState::save: cannot write '", path, "': directory ", dir,
-              " does not exist");
+  const std::string dir = directory_of(path);
+  TORCH_CHECK(is_kind(dir, S_IFDIR), "MambaStackState::save: cannot write '", path, "': directory '", dir,
+              "' does not exist");
   static std::atomic<int> counter{0};
   const std::string temp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
   try {
@@ -160,18 +173,24 @@ MambaStackState load_torch(const std::string& path) {
 
 // ---- HDF5 --------------------------------------------------------------------------------------------
 
-// Turns off HDF5's printing of its error stack for the guard's lifetime; failures become exceptions.
-class QuietHdf5 {
+// Holds HDF5 for one save or load: the library may be built without thread safety, and its
+// error-stack printing is turned off (failures become our exceptions) for the guard's lifetime.
+class Hdf5Guard {
  public:
-  QuietHdf5() {
+  Hdf5Guard() : lock_(mutex()) {
     H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   }
-  ~QuietHdf5() { H5Eset_auto2(H5E_DEFAULT, func_, data_); }
-  QuietHdf5(const QuietHdf5&) = delete;
-  QuietHdf5& operator=(const QuietHdf5&) = delete;
+  ~Hdf5Guard() { H5Eset_auto2(H5E_DEFAULT, func_, data_); }
+  Hdf5Guard(const Hdf5Guard&) = delete;
+  Hdf5Guard& operator=(const Hdf5Guard&) = delete;
 
  private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
   H5E_auto2_t func_ = nullptr;
   void* data_ = nullptr;
 };
@@ -301,7 +320,7 @@ void MambaStackState::save(const std::string& path) const {
   TORCH_CHECK(!layers.empty(), "MambaStackState::save: the state has no layers");
   write_atomically(path, [&](const std::string& temp) {
     if (format == Format::kTorch) return save_torch(*this, temp);
-    const QuietHdf5 quiet;
+    const Hdf5Guard guard;
     try {
       save_hdf5(*this, temp);
     } catch (const H5::Exception& e) {
@@ -312,12 +331,12 @@ void MambaStackState::save(const std::string& path) const {
 
 MambaStackState MambaStackState::load(const std::string& path) {
   const Format format = format_of(path, "MambaStackState::load");
-  TORCH_CHECK(std::filesystem::is_regular_file(path), "MambaStackState::load: no such file '", path, "'");
+  TORCH_CHECK(is_kind(path, S_IFREG), "MambaStackState::load: no such file '", path, "'");
   MambaStackState s;
   if (format == Format::kTorch) {
     s = load_torch(path);
   } else {
-    const QuietHdf5 quiet;
+    const Hdf5Guard guard;
     try {
       s = load_hdf5(path);
     } catch (const H5::Exception& e) {

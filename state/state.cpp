@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <sstream>
@@ -68,6 +69,24 @@ void check_fits(const MambaInferenceState& s, int64_t batch, at::Device device, 
               " (move it with state.to(device))");
   TORCH_CHECK(s.dtype() == dtype, where, ": state is ", s.dtype(), " but this model needs ", dtype,
               " state (float32, or float64 for a float64 model)");
+}
+
+// Where two configs (JSON objects) differ, as "rms_norm (state: true, model: false)"; both whole
+// when either is not a JSON object.
+std::string config_difference(const std::string& state, const std::string& model) {
+  using nlohmann::json;
+  const json a = json::parse(state, nullptr, /*allow_exceptions=*/false);
+  const json b = json::parse(model, nullptr, /*allow_exceptions=*/false);
+  if (!a.is_object() || !b.is_object()) return "state config " + state + ", model config " + model;
+  std::string out;
+  auto describe = [](const json& j, const std::string& key) { return j.contains(key) ? j[key].dump() : "absent"; };
+  json keys = a;
+  keys.update(b);
+  for (const auto& [key, unused] : keys.items()) {
+    if (a.contains(key) && b.contains(key) && a[key] == b[key]) continue;
+    out += (out.empty() ? "" : ", ") + key + " (state: " + describe(a, key) + ", model: " + describe(b, key) + ")";
+  }
+  return out.empty() ? "no field (the fingerprints differ all the same)" : out;
 }
 
 template <typename F>
@@ -217,8 +236,8 @@ void MambaStackState::validate_for(const StateSpec& spec) const {
     TORCH_CHECK(layers[i].dtype() == dtype(), where, ": ", layers[i].dtype(), " but layer 0 is ", dtype());
   }
   TORCH_CHECK(fingerprint.empty() || spec.fingerprint.empty() || fingerprint == spec.fingerprint,
-              "MambaStackState: the state belongs to another model (fingerprint ", fingerprint, ", config ",
-              config, ") than this one (fingerprint ", spec.fingerprint, ", config ", spec.config, ")");
+              "MambaStackState: the state belongs to another model (fingerprint ", fingerprint, ", not ",
+              spec.fingerprint, "); the configs differ in ", config_difference(config, spec.config));
 }
 
 void MambaStackState::validate_for(const StateSpec& spec, int64_t batch, at::Device device,

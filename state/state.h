@@ -8,11 +8,11 @@
 //
 // Tensors are float32 (float64 for a float64 model) on any device. The structs hold tensors the
 // way at::Tensor does: copying a struct shares them, clone() copies them. A model's forward() and
-// reset() replace a state's tensors (so gradients can flow through them); step() writes them in
-// place, which is why a snapshot you want to keep must be a clone().
+// the state's reset() replace its tensors (so gradients can flow through them); a model's step()
+// writes them in place, which is why a snapshot you want to keep must be a clone().
 //
-// This layer knows nothing of the modules: it takes a StateSpec, which mamba::MambaConfig converts
-// to implicitly, so `MambaStackState::zeros(config, batch)` and `state.validate_for(model->options)`
+// This layer knows nothing of the modules: it takes a StateSpec, which MambaConfig (mamba/config.h)
+// converts to implicitly, so `MambaStackState::zeros(config, batch)` and `state.validate_for(model->options)`
 // read as expected.
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -91,11 +91,11 @@ struct MambaStackState {
   void validate_for(const StateSpec& spec) const;
   void validate_for(const StateSpec& spec, int64_t batch, at::Device device, at::ScalarType dtype) const;
 
-  // Files, by extension:
-  //   .pt         a torch archive: tensors "layers.{i}.conv_state" / "layers.{i}.ssm_state" and the
-  //               values "format", "format_version", "n_layer", "tokens", "fingerprint", "config"
-  //   .h5, .hdf5  HDF5: groups "layer_{i}" with datasets conv_state and ssm_state; root attributes
-  //               format, format_version, n_layer, tokens, fingerprint, config (JSON string)
+  // Files, by extension, one layout in both: a group "layer_{i}" per layer holding conv_state and
+  // ssm_state, and at the root format ("statemamba.MambaStackState"), format_version, n_layer,
+  // tokens, fingerprint and config (a JSON string).
+  //   .pt         a torch archive (nested archives; Python reads it with torch.jit.load)
+  //   .h5, .hdf5  HDF5 groups, datasets and attributes (h5py reads it as is)
   // save() writes a temporary file beside `path` and renames it over `path`, so readers see the old
   // file or the new one, never half of one. load() returns CPU tensors in the saved dtype; with a
   // spec it also validates the state for that model. Unreadable, truncated, foreign or newer-format

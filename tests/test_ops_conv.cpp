@@ -22,17 +22,17 @@ struct ForwardCase {
   ConvOptions options;
 };
 
-std::vector<ForwardCase> forward_cases() {
+// Variants for one input dtype, named for failure messages.
+std::vector<ForwardCase> forward_cases(at::ScalarType dtype) {
   std::vector<ForwardCase> cases;
-  const std::pair<const char*, at::ScalarType> dtypes[] = {
-      {"f32", at::kFloat}, {"f64", at::kDouble}, {"bf16", at::kBFloat16}, {"f16", at::kHalf}};
-  for (auto [dname, dtype] : dtypes) {
+  {
+    const std::string dname = dtype_name(dtype);
     for (int64_t width : {2, 3, 4}) {
       const std::string prefix = std::string(dname) + "_w" + std::to_string(width);
       ConvOptions base;
       base.batch = 3, base.dim = 5, base.width = width, base.seqlen = 37;
       base.dtype = dtype;
-      base.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+      base.param_dtype = state_dtype_for(dtype);
       base.seed = cases.size();
       cases.push_back({prefix + "_all", base});
       ConvOptions with_silu = base;
@@ -69,22 +69,24 @@ std::vector<ForwardCase> forward_cases() {
   return cases;
 }
 
-class ConvForward : public ::testing::TestWithParam<ForwardCase> {};
+// One test per dtype, looping over its variants (a process per test costs ~0.5 s under CTest).
+class ConvForward : public ::testing::TestWithParam<at::ScalarType> {};
 
 TEST_P(ConvForward, MatchesReference) {
-  const ConvOptions& o = GetParam().options;
-  const ConvCase c = ConvCase::random(o);
-  const auto [y, final_state] = c.run();
-  const auto [y_ref, state_ref] = c.reference();
-  EXPECT_EQ(y.scalar_type(), o.dtype);
-  EXPECT_EQ(final_state.scalar_type(), o.dtype == at::kDouble ? at::kDouble : at::kFloat);
-  expect_close(y, y_ref, output_tolerance(o.dtype), "y");
-  // The final state holds inputs (or zeros), not sums: it must be exact.
-  expect_bit_equal(final_state, state_ref.to(final_state.scalar_type()), "final_state");
+  for (const auto& [name, o] : forward_cases(GetParam())) {
+    SCOPED_TRACE(name);
+    const ConvCase c = ConvCase::random(o);
+    const auto [y, final_state] = c.run();
+    const auto [y_ref, state_ref] = c.reference();
+    EXPECT_EQ(y.scalar_type(), o.dtype);
+    EXPECT_EQ(final_state.scalar_type(), state_dtype_for(o.dtype));
+    expect_close(y, y_ref, output_tolerance(o.dtype), "y");
+    // The final state holds inputs (or zeros), not sums: it must be exact.
+    expect_bit_equal(final_state, state_ref.to(final_state.scalar_type()), "final_state");
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cpu, ConvForward, ::testing::ValuesIn(forward_cases()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Cpu, ConvForward, ::testing::ValuesIn(input_dtypes()), DtypeTestName());
 
 // The reference's reading of the reset rule, pinned down on one row small enough to do by hand:
 // width 3, state [a, b], x = [x0, x1, x2, x3], reset at t = 2.
@@ -92,14 +94,14 @@ TEST(ConvForward, ResetHidesEarlierInputsWorkedExample) {
   auto x = at::tensor({1.0, 2.0, 3.0, 4.0}, at::kDouble).view({1, 1, 4});
   auto weight = at::tensor({100.0, 10.0, 1.0}, at::kDouble).view({1, 3});  // [oldest .. newest]
   auto state = at::tensor({5.0, 6.0}, at::kDouble).view({1, 1, 2});
-  auto reset = at::tensor({false, false, true, false}).view({1, 4});
+  auto reset = at::tensor({0, 0, 1, 0}).to(at::kBool).view({1, 4});
   const auto [y, final_state] = statemamba::ops::causal_conv1d(x, weight, std::nullopt, state, reset, false);
   // t0: 5,6,1 · t1: 6,1,2 · t2: only x2 (x0, x1 hidden) · t3: x2, x3.
   const auto y_expected = at::tensor({561.0, 612.0, 3.0, 34.0}, at::kDouble).view({1, 1, 4});
   expect_bit_equal(y, y_expected, "y");
   expect_bit_equal(final_state, at::tensor({3.0, 4.0}, at::kDouble).view({1, 1, 2}), "final_state");
   // A reset at the last step hides everything but that step's input from the final state.
-  reset = at::tensor({false, false, false, true}).view({1, 4});
+  reset = at::tensor({0, 0, 0, 1}).to(at::kBool).view({1, 4});
   const auto [y2, state2] = statemamba::ops::causal_conv1d(x, weight, std::nullopt, state, reset, false);
   expect_bit_equal(state2, at::tensor({0.0, 4.0}, at::kDouble).view({1, 1, 2}), "final_state, reset at the end");
 }
@@ -115,7 +117,7 @@ TEST_P(ConvChunking, CarriedStateEqualsOnePassBitForBit) {
     ConvOptions o;
     o.batch = 3, o.dim = 5, o.width = 2 + seed % 3, o.seqlen = 37;
     o.dtype = GetParam();
-    o.param_dtype = o.dtype == at::kDouble ? at::kDouble : at::kFloat;
+    o.param_dtype = state_dtype_for(o.dtype);
     o.silu = seed % 2;
     o.seed = 200 + seed;
     ConvCase c = ConvCase::random(o);
@@ -134,7 +136,7 @@ TEST_P(ConvChunking, CarriedStateEqualsOnePassBitForBit) {
 TEST_P(ConvChunking, OneStepChunksEqualOnePass) {
   ConvOptions o;
   o.dtype = GetParam();
-  o.param_dtype = o.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  o.param_dtype = state_dtype_for(o.dtype);
   o.seqlen = 11;
   const ConvCase c = ConvCase::random(o);
   std::vector<int64_t> every_step;
@@ -146,7 +148,7 @@ TEST_P(ConvChunking, OneStepChunksEqualOnePass) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cpu, ConvChunking, ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16),
-                         [](const auto& info) { return std::string(c10::toString(info.param)); });
+                         DtypeTestName());
 
 TEST(ConvResets, EpisodesEqualSeparateRunsFromZeros) {
   ConvOptions o;

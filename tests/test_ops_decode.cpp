@@ -15,8 +15,6 @@ namespace {
 using namespace statemamba::test;
 namespace ops = statemamba::ops;
 
-at::ScalarType state_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-at::ScalarType param_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The decode ops take one step's slices; select() makes them non-contiguous views on purpose.
 at::Tensor step_of(const at::Tensor& t, int64_t step) { return t.select(-1, step); }
@@ -24,11 +22,11 @@ OptTensor step_of(const OptTensor& t, int64_t step) { return t ? OptTensor(t->se
 
 at::Tensor scan_state(const ScanCase& c) {
   return c.initial_state ? c.initial_state->clone()
-                         : at::zeros({c.u.size(0), c.u.size(1), c.A.size(1)}, state_dtype(c.u.scalar_type()));
+                         : at::zeros({c.u.size(0), c.u.size(1), c.A.size(1)}, state_dtype_for(c.u.scalar_type()));
 }
 at::Tensor conv_state(const ConvCase& c) {
   return c.initial_state ? c.initial_state->clone()
-                         : at::zeros({c.x.size(0), c.x.size(1), c.weight.size(1) - 1}, state_dtype(c.x.scalar_type()));
+                         : at::zeros({c.x.size(0), c.x.size(1), c.weight.size(1) - 1}, state_dtype_for(c.x.scalar_type()));
 }
 
 // Advances `state` in place by step t of the sequence case; returns y [B, D].
@@ -41,9 +39,6 @@ at::Tensor decode_step(const ConvCase& c, const at::Tensor& state, int64_t t) {
   return ops::causal_conv1d_update(step_of(c.x, t), state, c.weight, c.bias, c.silu, step_of(c.reset, t));
 }
 
-const std::pair<const char*, at::ScalarType> kDtypes[] = {
-    {"f32", at::kFloat}, {"f64", at::kDouble}, {"bf16", at::kBFloat16}, {"f16", at::kHalf}};
-
 // ---- selective_state_update ---------------------------------------------------------------------
 
 struct ScanDecodeCase {
@@ -51,13 +46,14 @@ struct ScanDecodeCase {
   ScanOptions options;
 };
 
-std::vector<ScanDecodeCase> scan_decode_cases() {
+std::vector<ScanDecodeCase> scan_decode_cases(at::ScalarType dtype) {
   std::vector<ScanDecodeCase> cases;
-  for (auto [dname, dtype] : kDtypes) {
+  {
+    const std::string dname = dtype_name(dtype);
     ScanOptions base;
     base.batch = 3, base.dim = 5, base.dstate = 4, base.seqlen = 1;
     base.dtype = dtype;
-    base.param_dtype = param_dtype(dtype);
+    base.param_dtype = state_dtype_for(dtype);
     base.reset_probability = 0.5;
     base.seed = 300 + cases.size();
     cases.push_back({std::string(dname) + "_all", base});
@@ -74,42 +70,45 @@ std::vector<ScanDecodeCase> scan_decode_cases() {
   return cases;
 }
 
-class ScanDecode : public ::testing::TestWithParam<ScanDecodeCase> {};
+// One test per dtype, looping over its variants (a process per test costs ~0.5 s under CTest).
+class ScanDecode : public ::testing::TestWithParam<at::ScalarType> {};
 
 TEST_P(ScanDecode, MatchesReferenceAndScanAtL1) {
-  const ScanOptions& o = GetParam().options;
-  const ScanCase c = ScanCase::random(o);
-  const at::Tensor before = scan_state(c);
-  const auto [y_ref, state_ref] = reference_selective_state_update(
-      before, step_of(c.u, 0), step_of(c.delta, 0), c.A, step_of(c.B, 0), step_of(c.C, 0), c.D, step_of(c.z, 0),
-      c.delta_bias, c.softplus, step_of(c.reset, 0));
+  for (const auto& [name, o] : scan_decode_cases(GetParam())) {
+    SCOPED_TRACE(name);
+    const ScanCase c = ScanCase::random(o);
+    const at::Tensor before = scan_state(c);
+    const auto [y_ref, state_ref] = reference_selective_state_update(
+        before, step_of(c.u, 0), step_of(c.delta, 0), c.A, step_of(c.B, 0), step_of(c.C, 0), c.D, step_of(c.z, 0),
+        c.delta_bias, c.softplus, step_of(c.reset, 0));
 
-  const at::Tensor state = before.clone();
-  const at::Tensor y = decode_step(c, state, 0);
-  EXPECT_EQ(y.scalar_type(), o.dtype);
-  EXPECT_EQ(y.sizes(), at::IntArrayRef({o.batch, o.dim}));
-  expect_close(y, y_ref, output_tolerance(o.dtype), "y");
-  expect_close(state, state_ref, output_tolerance(state.scalar_type()), "state");
+    const at::Tensor state = before.clone();
+    const at::Tensor y = decode_step(c, state, 0);
+    EXPECT_EQ(y.scalar_type(), o.dtype);
+    EXPECT_EQ(y.sizes(), at::IntArrayRef({o.batch, o.dim}));
+    expect_close(y, y_ref, output_tolerance(o.dtype), "y");
+    expect_close(state, state_ref, output_tolerance(state.scalar_type()), "state");
 
-  // The same step through the sequence op: same arithmetic, so the same bits.
-  ScanCase seq = c;
-  seq.initial_state = before;
-  const auto [y_scan, state_scan] = seq.run();
-  expect_bit_equal(y, y_scan.select(2, 0), "y vs selective_scan");
-  expect_bit_equal(state, state_scan, "state vs selective_scan");
+    // The same step through the sequence op: same arithmetic, so the same bits.
+    ScanCase seq = c;
+    seq.initial_state = before;
+    const auto [y_scan, state_scan] = seq.run();
+    expect_bit_equal(y, y_scan.select(2, 0), "y vs selective_scan");
+    expect_bit_equal(state, state_scan, "state vs selective_scan");
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cpu, ScanDecode, ::testing::ValuesIn(scan_decode_cases()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Cpu, ScanDecode, ::testing::ValuesIn(input_dtypes()), DtypeTestName());
 
 // Stepping the decode op over a sequence, resets included, equals one selective_scan.
 TEST(ScanDecode, StepLoopEqualsSequence) {
-  for (auto [dname, dtype] : kDtypes) {
+  for (at::ScalarType dtype : input_dtypes()) {
+    const std::string dname = dtype_name(dtype);
     SCOPED_TRACE(dname);
     ScanOptions o;
     o.batch = 3, o.dim = 5, o.dstate = 8, o.seqlen = 23;
     o.dtype = dtype;
-    o.param_dtype = param_dtype(dtype);
+    o.param_dtype = state_dtype_for(dtype);
     o.seed = 400;
     ScanCase c = ScanCase::random(o);
     c.reset->index_put_({1, 0}, true);
@@ -129,14 +128,15 @@ struct ConvDecodeCase {
   ConvOptions options;
 };
 
-std::vector<ConvDecodeCase> conv_decode_cases() {
+std::vector<ConvDecodeCase> conv_decode_cases(at::ScalarType dtype) {
   std::vector<ConvDecodeCase> cases;
-  for (auto [dname, dtype] : kDtypes) {
+  {
+    const std::string dname = dtype_name(dtype);
     for (int64_t width : {2, 3, 4}) {
       ConvOptions base;
       base.batch = 3, base.dim = 5, base.width = width, base.seqlen = 1;
       base.dtype = dtype;
-      base.param_dtype = param_dtype(dtype);
+      base.param_dtype = state_dtype_for(dtype);
       base.reset_probability = 0.5;
       base.seed = 500 + cases.size();
       const std::string prefix = std::string(dname) + "_w" + std::to_string(width);
@@ -152,40 +152,42 @@ std::vector<ConvDecodeCase> conv_decode_cases() {
   return cases;
 }
 
-class ConvDecode : public ::testing::TestWithParam<ConvDecodeCase> {};
+class ConvDecode : public ::testing::TestWithParam<at::ScalarType> {};
 
 TEST_P(ConvDecode, MatchesReferenceAndConvAtL1) {
-  const ConvOptions& o = GetParam().options;
-  const ConvCase c = ConvCase::random(o);
-  const at::Tensor before = conv_state(c);
-  const auto [y_ref, state_ref] =
-      reference_causal_conv1d_update(step_of(c.x, 0), before, c.weight, c.bias, c.silu, step_of(c.reset, 0));
+  for (const auto& [name, o] : conv_decode_cases(GetParam())) {
+    SCOPED_TRACE(name);
+    const ConvCase c = ConvCase::random(o);
+    const at::Tensor before = conv_state(c);
+    const auto [y_ref, state_ref] =
+        reference_causal_conv1d_update(step_of(c.x, 0), before, c.weight, c.bias, c.silu, step_of(c.reset, 0));
 
-  const at::Tensor state = before.clone();
-  const at::Tensor y = decode_step(c, state, 0);
-  EXPECT_EQ(y.scalar_type(), o.dtype);
-  EXPECT_EQ(y.sizes(), at::IntArrayRef({o.batch, o.dim}));
-  expect_close(y, y_ref, output_tolerance(o.dtype), "y");
-  expect_bit_equal(state, state_ref.to(state.scalar_type()), "state");  // holds inputs: exact
+    const at::Tensor state = before.clone();
+    const at::Tensor y = decode_step(c, state, 0);
+    EXPECT_EQ(y.scalar_type(), o.dtype);
+    EXPECT_EQ(y.sizes(), at::IntArrayRef({o.batch, o.dim}));
+    expect_close(y, y_ref, output_tolerance(o.dtype), "y");
+    expect_bit_equal(state, state_ref.to(state.scalar_type()), "state");  // holds inputs: exact
 
-  ConvCase seq = c;
-  seq.initial_state = before;
-  const auto [y_conv, state_conv] = seq.run();
-  expect_bit_equal(y, y_conv.select(2, 0), "y vs causal_conv1d");
-  expect_bit_equal(state, state_conv, "state vs causal_conv1d");
+    ConvCase seq = c;
+    seq.initial_state = before;
+    const auto [y_conv, state_conv] = seq.run();
+    expect_bit_equal(y, y_conv.select(2, 0), "y vs causal_conv1d");
+    expect_bit_equal(state, state_conv, "state vs causal_conv1d");
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cpu, ConvDecode, ::testing::ValuesIn(conv_decode_cases()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Cpu, ConvDecode, ::testing::ValuesIn(input_dtypes()), DtypeTestName());
 
 TEST(ConvDecode, StepLoopEqualsSequence) {
-  for (auto [dname, dtype] : kDtypes) {
+  for (at::ScalarType dtype : input_dtypes()) {
+    const std::string dname = dtype_name(dtype);
     for (int64_t width : {2, 4}) {
       SCOPED_TRACE(std::string(dname) + ", width " + std::to_string(width));
       ConvOptions o;
       o.batch = 3, o.dim = 5, o.width = width, o.seqlen = 23;
       o.dtype = dtype;
-      o.param_dtype = param_dtype(dtype);
+      o.param_dtype = state_dtype_for(dtype);
       o.silu = true;
       o.seed = 600 + width;
       ConvCase c = ConvCase::random(o);

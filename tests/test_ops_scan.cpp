@@ -22,16 +22,16 @@ struct ForwardCase {
   ScanOptions options;
 };
 
-std::vector<ForwardCase> forward_cases() {
+// Variants for one input dtype, named for failure messages.
+std::vector<ForwardCase> forward_cases(at::ScalarType dtype) {
   std::vector<ForwardCase> cases;
-  const std::pair<const char*, at::ScalarType> dtypes[] = {
-      {"f32", at::kFloat}, {"f64", at::kDouble}, {"bf16", at::kBFloat16}, {"f16", at::kHalf}};
-  for (auto [dname, dtype] : dtypes) {
+  {
+    const std::string dname = dtype_name(dtype);
     // Odd sizes, so no kernel path can rely on even or power-of-two extents.
     ScanOptions base;
     base.batch = 3, base.dim = 5, base.dstate = 4, base.seqlen = 37;
     base.dtype = dtype;
-    base.param_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    base.param_dtype = state_dtype_for(dtype);
     base.seed = cases.size();
     cases.push_back({std::string(dname) + "_all", base});
 
@@ -71,21 +71,24 @@ std::vector<ForwardCase> forward_cases() {
   return cases;
 }
 
-class ScanForward : public ::testing::TestWithParam<ForwardCase> {};
+// One test per dtype, looping over its variants: CTest runs every test in its own process, and
+// loading torch costs ~0.5 s a process, so hundreds of tiny tests would dominate the suite's time.
+class ScanForward : public ::testing::TestWithParam<at::ScalarType> {};
 
 TEST_P(ScanForward, MatchesReference) {
-  const ScanOptions& o = GetParam().options;
-  const ScanCase c = ScanCase::random(o);
-  const auto [y, final_state] = c.run();
-  const auto [y_ref, state_ref] = c.reference();
-  EXPECT_EQ(y.scalar_type(), o.dtype);
-  EXPECT_EQ(final_state.scalar_type(), o.dtype == at::kDouble ? at::kDouble : at::kFloat);
-  expect_close(y, y_ref, output_tolerance(o.dtype), "y");
-  expect_close(final_state, state_ref, output_tolerance(final_state.scalar_type()), "final_state");
+  for (const auto& [name, o] : forward_cases(GetParam())) {
+    SCOPED_TRACE(name);
+    const ScanCase c = ScanCase::random(o);
+    const auto [y, final_state] = c.run();
+    const auto [y_ref, state_ref] = c.reference();
+    EXPECT_EQ(y.scalar_type(), o.dtype);
+    EXPECT_EQ(final_state.scalar_type(), state_dtype_for(o.dtype));
+    expect_close(y, y_ref, output_tolerance(o.dtype), "y");
+    expect_close(final_state, state_ref, output_tolerance(final_state.scalar_type()), "final_state");
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cpu, ScanForward, ::testing::ValuesIn(forward_cases()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Cpu, ScanForward, ::testing::ValuesIn(input_dtypes()), DtypeTestName());
 
 // torch's softplus is the identity above 20; log1p(exp(x)) differs from x there by ~exp(-x) (1e-9
 // at 20.5), which float64 resolves.
@@ -112,7 +115,7 @@ TEST_P(ScanChunking, CarriedStateEqualsOnePassBitForBit) {
     ScanOptions o;
     o.batch = 3, o.dim = 5, o.dstate = 16, o.seqlen = 37;
     o.dtype = GetParam();
-    o.param_dtype = o.dtype == at::kDouble ? at::kDouble : at::kFloat;
+    o.param_dtype = state_dtype_for(o.dtype);
     o.seed = 100 + seed;
     ScanCase c = ScanCase::random(o);
     const auto cuts = random_cuts(o.seqlen, 1 + seed % 4, seed);
@@ -130,7 +133,7 @@ TEST_P(ScanChunking, CarriedStateEqualsOnePassBitForBit) {
 TEST_P(ScanChunking, OneStepChunksEqualOnePass) {
   ScanOptions o;
   o.dtype = GetParam();
-  o.param_dtype = o.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  o.param_dtype = state_dtype_for(o.dtype);
   o.seqlen = 11;
   const ScanCase c = ScanCase::random(o);
   std::vector<int64_t> every_step;
@@ -142,7 +145,7 @@ TEST_P(ScanChunking, OneStepChunksEqualOnePass) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cpu, ScanChunking, ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16),
-                         [](const auto& info) { return std::string(c10::toString(info.param)); });
+                         DtypeTestName());
 
 TEST(ScanResets, EpisodesEqualSeparateRunsFromZeros) {
   ScanOptions o;

@@ -13,6 +13,13 @@
 
 #include "ops/ops.h"
 
+#ifdef STATEMAMBA_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace sm = statemamba::ops;
 using json = nlohmann::json;
 
@@ -38,6 +45,45 @@ Timing time_it(const torch::Device& device, int repeats, const std::function<voi
   }
   std::sort(ms.begin(), ms.end());
   return {ms[ms.size() / 2], ms.front()};
+}
+
+#ifdef STATEMAMBA_WITH_CUDA
+// GPU time per call without host launch gaps: `inner` calls captured in one CUDA graph, replayed
+// `repeats` times between CUDA events (the ops allocate from the graph's private pool).
+Timing time_graph(int repeats, const std::function<void()>& fn, int inner = 10) {
+  fn();  // warm-up (lazy init, kernel attribute set-up) outside the capture
+  auto stream = c10::cuda::getStreamFromPool();
+  at::cuda::CUDAGraph graph;
+  {
+    c10::cuda::CUDAStreamGuard guard(stream);
+    fn();
+    stream.synchronize();
+    graph.capture_begin();
+    for (int i = 0; i < inner; ++i) fn();
+    graph.capture_end();
+  }
+  graph.replay();
+  torch::cuda::synchronize();
+  std::vector<double> ms;
+  for (int i = 0; i < repeats; ++i) {
+    at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
+    start.record();
+    graph.replay();
+    end.record();
+    end.synchronize();
+    ms.push_back(start.elapsed_time(end) / inner);
+  }
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms.front()};
+}
+#endif
+
+// Op timings: graph replays on CUDA, host clock otherwise.
+Timing time_op(const torch::Device& device, int repeats, const std::function<void()>& fn) {
+#ifdef STATEMAMBA_WITH_CUDA
+  if (device.is_cuda()) return time_graph(repeats, fn);
+#endif
+  return time_it(device, repeats, fn);
 }
 
 // State and accumulation: float32, float64 only for float64 inputs (as the ops require).
@@ -95,6 +141,8 @@ int main(int argc, char** argv) {
   json out;
   out["device"] = device.is_cuda() ? "cuda" : "cpu";
   out["threads"] = at::get_num_threads();
+  out["timing"] = device.is_cuda() ? "CUDA graph of 10 calls, replayed; CUDA events; median and best per call"
+                                   : "host clock per call";
   double copy_gbps = 0;
   if (device.is_cuda()) {
     // The memory floor: a large device-to-device copy (read + write), in the same run.
@@ -127,9 +175,35 @@ int main(int argc, char** argv) {
     json scan_shape = {{"batch", B}, {"dim", D}, {"length", L}, {"dstate", N}};
     // Reads u, delta, z, B, C, the initial state and the resets; writes y and the final state.
     const double scan_bytes = e * (4.0 * B * D * L + 2.0 * B * N * L) + es * 2.0 * B * D * N + B * L;
-    record("selective_scan_fwd", dt, scan_shape, scan_bytes, time_it(device, repeats, [&] {
+    record("selective_scan_fwd", dt, scan_shape, scan_bytes, time_op(device, repeats, [&] {
              sm::selective_scan(u, delta, A, Bm, Cm, Dv, z, bias, true, h0, reset);
            }));
+    // As the official mamba_ssm figures: no initial state, no resets.
+    const double plain_bytes = e * (4.0 * B * D * L + 2.0 * B * N * L) + es * B * D * N;
+    record("selective_scan_fwd_no_state_no_reset", dt, scan_shape, plain_bytes, time_op(device, repeats, [&] {
+             sm::selective_scan(u, delta, A, Bm, Cm, Dv, z, bias, true, std::nullopt, std::nullopt);
+           }));
+    {
+      // The backward op alone, and forward + backward ops (what one training step of the op costs;
+      // the autograd case below adds autograd's own work). Backward reads u, delta, z, B, C, dy and
+      // writes du, ddelta, dz, dB, dC: 9 [B, D, L]-sized passes less the small B/C ones.
+      auto [y, hT] = sm::selective_scan(u, delta, A, Bm, Cm, Dv, z, bias, true, h0, reset);
+      auto gy = torch::randn_like(y), gT = torch::randn_like(hT);
+      const double bwd_bytes = e * (7.0 * B * D * L + 4.0 * B * N * L) + es * 3.0 * B * D * N + B * L;
+      record("selective_scan_bwd", dt, scan_shape, bwd_bytes, time_op(device, repeats, [&] {
+               sm::selective_scan_backward(gy, gT, u, delta, A, Bm, Cm, Dv, z, bias, true, h0, reset);
+             }));
+      record("selective_scan_fwd_then_bwd_ops", dt, scan_shape, scan_bytes + bwd_bytes, time_op(device, repeats, [&] {
+               sm::selective_scan(u, delta, A, Bm, Cm, Dv, z, bias, true, h0, reset);
+               sm::selective_scan_backward(gy, gT, u, delta, A, Bm, Cm, Dv, z, bias, true, h0, reset);
+             }));
+      record("selective_scan_fwd_then_bwd_ops_no_state_no_reset", dt, scan_shape, plain_bytes + bwd_bytes,
+             time_op(device, repeats, [&] {
+               sm::selective_scan(u, delta, A, Bm, Cm, Dv, z, bias, true, std::nullopt, std::nullopt);
+               sm::selective_scan_backward(gy, std::nullopt, u, delta, A, Bm, Cm, Dv, z, bias, true, std::nullopt,
+                                           std::nullopt);
+             }));
+    }
     {
       torch::AutoGradMode grad(true);
       auto ug = u.clone().requires_grad_(), dg = delta.clone().requires_grad_(), Bg = Bm.clone().requires_grad_();
@@ -142,17 +216,26 @@ int main(int argc, char** argv) {
     }
     auto w = torch::randn({D, W}, f32), cb = torch::randn({D}, f32), c0 = torch::randn({B, D, W - 1}, f32);
     const double conv_bytes = e * 2.0 * B * D * L + es * 2.0 * B * D * (W - 1) + B * L;
-    record("causal_conv1d_fwd", dt, {{"batch", B}, {"dim", D}, {"length", L}, {"width", W}}, conv_bytes,
-           time_it(device, repeats, [&] { sm::causal_conv1d(u, w, cb, c0, reset, true); }));
+    json conv_shape = {{"batch", B}, {"dim", D}, {"length", L}, {"width", W}};
+    record("causal_conv1d_fwd", dt, conv_shape, conv_bytes,
+           time_op(device, repeats, [&] { sm::causal_conv1d(u, w, cb, c0, reset, true); }));
+    record("causal_conv1d_fwd_no_state_no_reset", dt, conv_shape, e * 2.0 * B * D * L + es * B * D * (W - 1),
+           time_op(device, repeats, [&] { sm::causal_conv1d(u, w, cb, std::nullopt, std::nullopt, true); }));
+    {
+      auto gy = torch::randn_like(u);
+      record("causal_conv1d_bwd", dt, conv_shape, e * 3.0 * B * D * L + B * L, time_op(device, repeats, [&] {
+               sm::causal_conv1d_backward(gy, std::nullopt, u, w, cb, c0, reset, true);
+             }));
+    }
 
     auto state = torch::randn({Bd, D, N}, f32), xs = torch::randn({Bd, D}, opt), dts = torch::randn({Bd, D}, opt);
     auto Bs = torch::randn({Bd, N}, opt), Cs = torch::randn({Bd, N}, opt), zs = torch::randn({Bd, D}, opt);
     const double upd_bytes = es * 2.0 * Bd * D * N + e * 4.0 * Bd * D;
     record("selective_state_update", dt, {{"batch", Bd}, {"dim", D}, {"dstate", N}}, upd_bytes,
-           time_it(device, repeats, [&] { sm::selective_state_update(state, xs, dts, A, Bs, Cs, Dv, zs, bias, true); }));
+           time_op(device, repeats, [&] { sm::selective_state_update(state, xs, dts, A, Bs, Cs, Dv, zs, bias, true); }));
     auto cstate = torch::randn({Bd, D, W - 1}, f32);
     record("causal_conv1d_update", dt, {{"batch", Bd}, {"dim", D}, {"width", W}}, es * 2.0 * Bd * D * (W - 1) + e * 2.0 * Bd * D,
-           time_it(device, repeats, [&] { sm::causal_conv1d_update(xs, cstate, w, cb, true); }));
+           time_op(device, repeats, [&] { sm::causal_conv1d_update(xs, cstate, w, cb, true); }));
   }
   out["cases"] = cases;
   std::cout << out.dump(2) << std::endl;

@@ -12,8 +12,6 @@ venv=$("$root/tools/setup.sh")
 build=${STATEMAMBA_BUILD:-$root/build}
 python=$venv/bin/python
 
-# Precompiled headers and ccache get along only with these.
-export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-10G}
 
 cmake_args=(-S "$root" -B "$build" -G Ninja -Wno-dev

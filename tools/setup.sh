@@ -6,7 +6,7 @@ set -euo pipefail
 TORCH_VERSION=2.11.0
 VENV=${STATEMAMBA_VENV:-$HOME/.cache/statemamba/venv-torch-$TORCH_VERSION}
 APT_PACKAGES=(build-essential cmake ninja-build ccache git python3-venv
-              libhdf5-dev libcxxopts-dev libgtest-dev nlohmann-json3-dev)
+              libhdf5-dev libcxxopts-dev libgtest-dev nlohmann-json3-dev zlib1g-dev)
 
 say() { echo "[setup] $*" >&2; }
 

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 
 #include "ops/math.h"
 
@@ -67,7 +68,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // zero-filling rows >= valid_rows and times >= L. `aligned` (every row start 16-byte aligned and
 // L a multiple of the vector width) selects asynchronous 16-byte copies; otherwise plain loads.
 template <typename T, int Tc>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t L, int rows, int valid_rows, int64_t t0,
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int L, int rows, int valid_rows, int t0,
                                           bool aligned, int tid, int nthreads) {
   constexpr int V = 16 / sizeof(T);
   static_assert(Tc % V == 0, "tile width must be a whole number of 16-byte vectors");
@@ -76,12 +77,12 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t L, int r
     for (int e = tid; e < rows * per_row; e += nthreads) {
       const int r = e / per_row, k = (e % per_row) * V;
       const bool ok = r < valid_rows && t0 + k < L;
-      cp_async16(dst + r * Tc + k, ok ? src + r * L + t0 + k : src, ok ? 16 : 0);
+      cp_async16(dst + r * Tc + k, ok ? src + int64_t(r) * L + t0 + k : src, ok ? 16 : 0);
     }
   } else {
     for (int e = tid; e < rows * Tc; e += nthreads) {
       const int r = e / Tc, k = e % Tc;
-      dst[e] = (r < valid_rows && t0 + k < L) ? src[r * L + t0 + k] : T(0);
+      dst[e] = (r < valid_rows && t0 + k < L) ? src[int64_t(r) * L + t0 + k] : T(0);
     }
   }
 }
@@ -118,7 +119,7 @@ struct Run {
 // Loads row[t, t + n) (n <= kN) into r, zeros past L; vector loads when `vec` (row 16-byte
 // aligned, t a multiple of n) and the whole run is in range.
 template <typename T, int kN>
-__device__ __forceinline__ void load_run(Run<T, kN>& r, const T* row, int64_t t, int64_t L, int n, bool vec) {
+__device__ __forceinline__ void load_run(Run<T, kN>& r, const T* row, int t, int L, int n, bool vec) {
   const int bytes = n * int(sizeof(T));
   if (vec && t + n <= L) {
     if (bytes == 32 && Run<T, kN>::kBytes >= 32) {
@@ -144,7 +145,7 @@ __device__ __forceinline__ void load_run(Run<T, kN>& r, const T* row, int64_t t,
 
 // Stores v[0, n) to row[t, ...), skipping positions past L; vector stores as load_run.
 template <typename T, int kN>
-__device__ __forceinline__ void store_run(T* row, int64_t t, int64_t L, int n, bool vec, const float (&v)[kN]) {
+__device__ __forceinline__ void store_run(T* row, int t, int L, int n, bool vec, const float (&v)[kN]) {
   T tmp[kN];
 #pragma unroll
   for (int j = 0; j < kN; ++j) tmp[j] = T(v[j]);
@@ -169,6 +170,21 @@ template <typename S> __device__ __forceinline__ S warp_sum(S v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// A kernel may take more than 48 KB of dynamic shared memory only after opting in; done once per
+// kernel and device, before any launch (so never inside a CUDA-graph capture after warm-up).
+template <auto kKernel>
+void opt_in_smem() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag flags[kMaxDevices];
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::call_once(flags[dev % kMaxDevices], [dev] {
+    int max_optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
+  });
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

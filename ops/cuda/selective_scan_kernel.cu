@@ -5,23 +5,27 @@
 // registers (DT·G = 128 threads), and every lane runs the recurrence sequentially over time. That
 // keeps one exp2 (MUFU) and three FMAs per (state, step) with no cross-thread scan, which is what
 // bounds this op. Time is walked in tiles. Each lane owns a fixed slice of its channel's tile
-// columns: it prefetches that slice of u/delta/z (and grad_y) into registers one tile ahead,
-// turns it into Δ and Δ·u (once per element, not once per state lane), and after the scan sums
-// y's per-lane partials for the slice and stores it, so per-channel constants stay in registers
-// and every loop has a fixed trip count. B and C (shared by the block) come through cp.async into
-// shared memory and are transposed to float32 [t][n] once per tile. Resets are a per-tile bitmask
-// (the block shares its batch row, so the test is uniform). The kernel starts from initial_state
-// and writes the final state when it leaves the loop.
+// columns: it prefetches that slice of u/delta/z (and grad_y, and the tile's reset flags) into
+// registers one tile ahead, turns it into Δ and Δ·u (once per element, not once per state lane),
+// and after the scan sums y's per-lane partials for the slice and stores it, so per-channel
+// constants stay in registers and every loop has a fixed trip count. B and C (shared by the
+// block) come through cp.async into shared memory and are transposed to float32 [t][n] once per
+// tile. Resets are a per-tile bitmask (the block shares its batch row, so the test is uniform);
+// tiles without one run a loop with no reset test. The kernel starts from initial_state and
+// writes the final state when it leaves the loop. G = 4 (d_state <= 16) is compiled separately
+// with the lane count fixed; other d_state take the same kernel with G read at run time.
 //
 // Backward: a checkpointing forward pass (the same kernel) stores h every kTb steps; the backward
-// kernel walks tiles of kTb steps in reverse, recomputes the tile's states into registers from the
-// checkpoint, then runs the adjoint recurrence. dB/dC (sums over channels) are reduced over the
-// block's channels in shared memory and added to float32 buffers with atomics; dA/dD/ddelta_bias
-// accumulate per thread and are added once per block.
+// kernel walks tiles of kTb steps in reverse, recomputes the tile's states from the checkpoint
+// into shared memory, then runs the adjoint recurrence. dB/dC (sums over channels) are reduced
+// over the block's channels in shared memory and added to float32 buffers with atomics;
+// dA/dD/ddelta_bias accumulate per thread and are added once per block.
 //
 // Simple path (float64, or d_state > 128): one thread per (batch, channel) row, state in global
 // memory, the CPU kernel's algorithm.
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "ops/args.h"
 #include "ops/cuda/common.cuh"
@@ -57,7 +61,7 @@ __host__ __device__ inline size_t round16(size_t b) { return (b + 15) & ~size_t(
 
 // Shared-memory layout (byte offsets) of both kernels.
 struct Layout {
-  size_t stage, stage0, dt, dtu, gyc, Bf, Cf, p1, p2, red, mask, total;
+  size_t stage, stage0, dt, dtu, gyc, Bf, Cf, p1, p2, red, hs, mask, total;
 };
 
 __host__ __device__ inline Layout make_layout(bool backward, int G, int N, int elem) {
@@ -74,46 +78,61 @@ __host__ __device__ inline Layout make_layout(bool backward, int G, int N, int e
   l.p1 = o, o += round16(size_t(kThreads) * (Tc + kPad) * 4);
   l.p2 = o, o += backward ? round16(size_t(kThreads) * (Tc + kPad) * 4) : 0;
   l.red = o, o += backward ? round16(size_t(2) * kSub * DT * Np * 4) : 0;
+  l.hs = o, o += backward ? round16(size_t(kTb) * kThreads * kStates * 4) : 0;
   l.mask = o, o += 16;
   l.total = o;
   return l;
 }
 
 // B/C tile (stage: [N][Tc] in T) -> float32 [Tc][Np + kPad], zero for padding states and steps.
+// A thread converts 4 states of one step and writes them as one 16-byte store: consecutive lanes
+// take consecutive steps, whose rows (Np + kPad floats apart) fall on distinct bank groups.
 template <typename T, int Tc>
-__device__ __forceinline__ void convert_bc(float* dst, const T* src, int N, int Np, int64_t t0, int64_t L, int tid) {
+__device__ __forceinline__ void convert_bc(float* dst, const T* src, int N, int Np, int t0, int L, int tid) {
   const int BS = Np + kPad;
-  for (int e = tid; e < Np * (Tc / 4); e += kThreads) {
-    const int n = e / (Tc / 4), k = (e % (Tc / 4)) * 4;
+  for (int e = tid; e < Tc * (Np / 4); e += kThreads) {
+    const int k = e % Tc, n = (e / Tc) * 4;
+    const bool in_time = t0 + k < L;
+    float v[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) dst[(k + j) * BS + n] = n < N && t0 + k + j < L ? to<float>(src[n * Tc + k + j]) : 0.f;
+    for (int j = 0; j < 4; ++j) v[j] = in_time && n + j < N ? to<float>(src[(n + j) * Tc + k]) : 0.f;
+    *reinterpret_cast<float4*>(dst + k * BS + n) = make_float4(v[0], v[1], v[2], v[3]);
   }
 }
 
+// Reset flags of a tile, prefetched with the tile's other inputs: lane j of warp 0 holds the raw
+// byte of step t0 + j (kept unconverted so the load stays in flight until the ballot).
+__device__ __forceinline__ unsigned char fetch_reset(const bool* reset, int b, int t0, int L, int Tc, int tid) {
+  const int t = t0 + tid;
+  return reset && tid < Tc && t < L ? reinterpret_cast<const unsigned char*>(reset)[int64_t(b) * L + t] : 0;
+}
+
 // Bit j: reset at step t0 + j (warp 0 builds it; every thread reads it after the next barrier).
-__device__ __forceinline__ void build_mask(unsigned* s_mask, const bool* reset, int b, int64_t t0, int64_t L, int Tc,
-                                           int tid) {
+__device__ __forceinline__ void build_mask(unsigned* s_mask, unsigned char flag, int tid) {
   if (tid < 32) {
-    const bool r = reset && tid < Tc && t0 + tid < L && reset[int64_t(b) * L + t0 + tid];
-    const unsigned m = __ballot_sync(0xffffffffu, r);
+    const unsigned m = __ballot_sync(0xffffffffu, flag != 0);
     if (tid == 0) *s_mask = m;
   }
 }
 
 // ---- forward (also the checkpointing pass of the backward) ---------------------------------------
 
-template <typename T, bool kCkpt>
-__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> p) {
+// kG: lanes per channel fixed at compile time (4, d_state <= 16: every loop over lanes and tile
+// columns unrolls), or 0 to read it from p.G.
+template <typename T, bool kCkpt, int kG>
+__global__ void __launch_bounds__(kThreads, 3) scan_fwd_kernel(const ScanParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int RS = kTf + kPad;  // row stride of [DT][Tc] and [thread][Tc] float tiles
-  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate, BS = Np + kPad;
-  const int64_t L = p.L;
+  const int G = kG ? kG : p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate, BS = Np + kPad;
+  const int L = int(p.L);  // < 2^31, checked on the host
   const int tid = threadIdx.x, dl = tid / G, g = tid % G;
   const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
   const bool active = dl < min(DT, p.dim - d0);
   const int per = kTf / G, k0 = g * per, nown = active ? per : 0;  // this lane's tile columns
   const Layout lay = make_layout(false, G, N, sizeof(T));
-  T* stage[2] = {reinterpret_cast<T*>(smem + lay.stage0), reinterpret_cast<T*>(smem + lay.stage0 + lay.stage)};
+  // Tile c's B/C stage: stage0 + (c & 1) * stage_elems (arithmetic, so no local-memory array).
+  T* const stage0 = reinterpret_cast<T*>(smem + lay.stage0);
+  const int stage_elems = int(lay.stage / sizeof(T));
   float* s_dt = reinterpret_cast<float*>(smem + lay.dt);
   float* s_dtu = reinterpret_cast<float*>(smem + lay.dtu);
   float* s_B = reinterpret_cast<float*>(smem + lay.Bf);
@@ -139,28 +158,30 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
   const float bias_d = active && p.bias ? p.bias[d] : 0.f, D_d = active && p.D ? p.D[d] : 0.f;
 
   Run<T, 8> nu{}, ndelta{}, nz{}, cu{}, cdelta{}, cz{};
+  unsigned char nrst = 0, crst = 0;
   auto fetch = [&](int c) {
-    const int64_t t = int64_t(c) * kTf + k0;
+    const int t = c * kTf + k0;
+    if (tid < 32) nrst = fetch_reset(p.reset, b, c * kTf, L, kTf, tid);
     load_run(nu, gu, t, L, nown, p.aligned);
     load_run(ndelta, gdelta, t, L, nown, p.aligned);
     if (gz) load_run(nz, gz, t, L, nown, p.aligned);
   };
   auto issue_bc = [&](int c) {
-    const int64_t t0 = int64_t(c) * kTf;
-    T* st = stage[c & 1];
+    const int t0 = c * kTf;
+    T* st = stage0 + (c & 1) * stage_elems;
     load_tile<T, kTf>(st, gB, L, N, N, t0, p.aligned, tid, kThreads);
     if (!kCkpt) load_tile<T, kTf>(st + N * kTf, gC, L, N, N, t0, p.aligned, tid, kThreads);
     cp_async_commit();
   };
 
-  const int nch = int((L + kTf - 1) / kTf);
-  const int nck = int((L + kTb - 1) / kTb);
+  const int nch = (L + kTf - 1) / kTf;
+  const int nck = (L + kTb - 1) / kTb;
   issue_bc(0);
   fetch(0);
   for (int c = 0; c < nch; ++c) {
-    const int64_t t0 = int64_t(c) * kTf;
-    const T* st = stage[c & 1];
-    cu = nu, cdelta = ndelta, cz = nz;
+    const int t0 = c * kTf;
+    const T* st = stage0 + (c & 1) * stage_elems;
+    cu = nu, cdelta = ndelta, cz = nz, crst = nrst;
     cp_async_wait_all();
     __syncthreads();  // B/C tile c is in; every thread is done with tile c-1
     if (c + 1 < nch) {
@@ -173,9 +194,9 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
       float dtv[8], dtuv[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const bool ok = j < nown && t0 + k0 + j < L;
-        const float x = to<float>(cdelta.get(j)) + bias_d;
-        dtv[j] = ok ? (p.softplus ? softplus_fast(x) : x) : 0.f;
+        const float x = to<float>(cdelta.get(j)) + bias_d;  // zero-filled past L: finite
+        const float dt = p.softplus ? softplus_fast(x) : x;
+        dtv[j] = j < nown && t0 + k0 + j < L ? dt : 0.f;
         dtuv[j] = dtv[j] * to<float>(cu.get(j));
       }
       float* wdt = s_dt + dl * RS + k0;
@@ -193,55 +214,60 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
     }
     convert_bc<T, kTf>(s_B, st, N, Np, t0, L, tid);
     if (!kCkpt) convert_bc<T, kTf>(s_C, st + N * kTf, N, Np, t0, L, tid);
-    build_mask(s_mask, p.reset, b, t0, L, kTf, tid);
+    build_mask(s_mask, crst, tid);
     __syncthreads();
 
-    // Scan.
+    // Scan. Tiles without a reset (the common case) take a loop with no reset test.
     const unsigned mask = *s_mask;
     const float* my_dt = s_dt + dl * RS;
     const float* my_dtu = s_dtu + dl * RS;
     float* my_y = s_y + tid * RS;
+    auto scan_tile = [&](auto with_reset) {
 #pragma unroll
-    for (int j4 = 0; j4 < kTf / 4; ++j4) {
-      if (kCkpt && (4 * j4) % kTb == 0) {
-        const int64_t t = t0 + 4 * j4;
-        if (active && t < L)
-          *reinterpret_cast<float4*>(p.ckpt + ((int64_t(b) * nck + t / kTb) * p.dim + d) * Np + kStates * g) =
-              make_float4(h[0], h[1], h[2], h[3]);
-      }
-      const float4 dt4 = *reinterpret_cast<const float4*>(my_dt + 4 * j4);
-      const float4 dtu4 = *reinterpret_cast<const float4*>(my_dtu + 4 * j4);
-      const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
-      float yv[4];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int k = 4 * j4 + jj;
-        const float4 Bv = *reinterpret_cast<const float4*>(s_B + k * BS + kStates * g);
-        const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
-        if (mask & (1u << k)) {
-#pragma unroll
-          for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+      for (int j4 = 0; j4 < kTf / 4; ++j4) {
+        if (kCkpt && (4 * j4) % kTb == 0) {
+          const int t = t0 + 4 * j4;
+          if (active && t < L)
+            *reinterpret_cast<float4*>(p.ckpt + ((int64_t(b) * nck + t / kTb) * p.dim + d) * Np + kStates * g) =
+                make_float4(h[0], h[1], h[2], h[3]);
         }
+        const float4 dt4 = *reinterpret_cast<const float4*>(my_dt + 4 * j4);
+        const float4 dtu4 = *reinterpret_cast<const float4*>(my_dtu + 4 * j4);
+        const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+        float yv[4];
 #pragma unroll
-        for (int i = 0; i < kStates; ++i) h[i] = fmaf(exp_scaled(dts[jj] * A2[i]), h[i], dtus[jj] * Bs[i]);
-        if (!kCkpt) {
-          const float4 Cv = *reinterpret_cast<const float4*>(s_C + k * BS + kStates * g);
-          float acc = 0.f;
-          acc = fmaf(Cv.x, h[0], acc);
-          acc = fmaf(Cv.y, h[1], acc);
-          acc = fmaf(Cv.z, h[2], acc);
-          acc = fmaf(Cv.w, h[3], acc);
-          yv[jj] = acc;
+        for (int jj = 0; jj < 4; ++jj) {
+          const int k = 4 * j4 + jj;
+          const float4 Bv = *reinterpret_cast<const float4*>(s_B + k * BS + kStates * g);
+          const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
+          if (decltype(with_reset)::value && (mask & (1u << k))) {
+#pragma unroll
+            for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+          }
+#pragma unroll
+          for (int i = 0; i < kStates; ++i) h[i] = fmaf(exp_scaled(dts[jj] * A2[i]), h[i], dtus[jj] * Bs[i]);
+          if (!kCkpt) {
+            const float4 Cv = *reinterpret_cast<const float4*>(s_C + k * BS + kStates * g);
+            float acc = 0.f;
+            acc = fmaf(Cv.x, h[0], acc);
+            acc = fmaf(Cv.y, h[1], acc);
+            acc = fmaf(Cv.z, h[2], acc);
+            acc = fmaf(Cv.w, h[3], acc);
+            yv[jj] = acc;
+          }
         }
+        if (!kCkpt) *reinterpret_cast<float4*>(my_y + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
       }
-      if (!kCkpt) *reinterpret_cast<float4*>(my_y + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
-    }
+    };
+    if (mask) scan_tile(std::true_type{});
+    else scan_tile(std::false_type{});
 
     // Epilogue: y = (Σ over the channel's lanes + D·u) · silu(z) for this lane's columns. The
     // channel's lanes share the warp, so the partial sums need no block barrier.
     if (!kCkpt) {
       __syncwarp();
       float yv[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
       for (int gg = 0; gg < G; ++gg) {
         const float* src = s_y + (dl * G + gg) * RS + k0;
         if (per == 8) {
@@ -273,12 +299,12 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T> 
 
 // ---- backward ------------------------------------------------------------------------------------
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> p) {
+template <typename T, int kG>
+__global__ void __launch_bounds__(kThreads, 2) scan_bwd_kernel(const ScanParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int RS = kTb + kPad;
-  const int G = p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate, BS = Np + kPad;
-  const int64_t L = p.L;
+  const int G = kG ? kG : p.G, DT = kThreads / G, Np = kStates * G, N = p.dstate, BS = Np + kPad;
+  const int L = int(p.L);  // < 2^31, checked on the host
   const int tid = threadIdx.x, dl = tid / G, g = tid % G;
   const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
   const int rows = min(DT, p.dim - d0);
@@ -286,7 +312,9 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
   // This lane's tile columns (with 32 lanes per channel, lanes 16.. own none).
   const int per = max(1, kTb / G), k0 = g * per, ncols = k0 < kTb ? per : 0, nown = active ? ncols : 0;
   const Layout lay = make_layout(true, G, N, sizeof(T));
-  T* stage[2] = {reinterpret_cast<T*>(smem + lay.stage0), reinterpret_cast<T*>(smem + lay.stage0 + lay.stage)};
+  // Tile c's B/C stage: stage0 + (c & 1) * stage_elems (arithmetic, so no local-memory array).
+  T* const stage0 = reinterpret_cast<T*>(smem + lay.stage0);
+  const int stage_elems = int(lay.stage / sizeof(T));
   float* s_dt = reinterpret_cast<float*>(smem + lay.dt);
   float* s_dtu = reinterpret_cast<float*>(smem + lay.dtu);
   float* s_gyc = reinterpret_cast<float*>(smem + lay.gyc);
@@ -295,6 +323,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
   float* s_p1 = reinterpret_cast<float*>(smem + lay.p1);
   float* s_p2 = reinterpret_cast<float*>(smem + lay.p2);
   float* s_red = reinterpret_cast<float*>(smem + lay.red);
+  float4* s_hs = reinterpret_cast<float4*>(smem + lay.hs);  // [kTb][kThreads]: h after each step
   unsigned* s_mask = reinterpret_cast<unsigned*>(smem + lay.mask);
 
   const int64_t rowoff = (int64_t(b) * p.dim + (active ? d : 0)) * L;
@@ -318,28 +347,30 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
   float accD = 0.f, accBias = 0.f;
 
   Run<T, 4> nu{}, ndelta{}, nz{}, ngy{}, cu{}, cdelta{}, cz{}, cgy{};
+  unsigned char nrst = 0, crst = 0;
   auto fetch = [&](int c) {
-    const int64_t t = int64_t(c) * kTb + k0;
+    const int t = c * kTb + k0;
+    if (tid < 32) nrst = fetch_reset(p.reset, b, c * kTb, L, kTb, tid);
     load_run(nu, gu, t, L, nown, p.aligned);
     load_run(ndelta, gdelta, t, L, nown, p.aligned);
     if (gz) load_run(nz, gz, t, L, nown, p.aligned);
     load_run(ngy, ggy, t, L, nown, p.aligned);
   };
   auto issue_bc = [&](int c) {
-    const int64_t t0 = int64_t(c) * kTb;
-    T* st = stage[c & 1];
+    const int t0 = c * kTb;
+    T* st = stage0 + (c & 1) * stage_elems;
     load_tile<T, kTb>(st, gB, L, N, N, t0, p.aligned, tid, kThreads);
     load_tile<T, kTb>(st + N * kTb, gC, L, N, N, t0, p.aligned, tid, kThreads);
     cp_async_commit();
   };
 
-  const int nch = int((L + kTb - 1) / kTb);
+  const int nch = (L + kTb - 1) / kTb;
   issue_bc(nch - 1);
   fetch(nch - 1);
   for (int c = nch - 1; c >= 0; --c) {
-    const int64_t t0 = int64_t(c) * kTb;
-    const T* st = stage[c & 1];
-    cu = nu, cdelta = ndelta, cz = nz, cgy = ngy;
+    const int t0 = c * kTb;
+    const T* st = stage0 + (c & 1) * stage_elems;
+    cu = nu, cdelta = ndelta, cz = nz, cgy = ngy, crst = nrst;
     float hst[kStates] = {0.f, 0.f, 0.f, 0.f};
     if (active) {
       const float4 v =
@@ -358,7 +389,8 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     for (int j = 0; j < 4; ++j) {
       const bool ok = j < nown && t0 + k0 + j < L;
       const float x = to<float>(cdelta.get(j)) + bias_d;
-      dtv[j] = ok ? (p.softplus ? softplus_fast(x) : x) : 0.f;
+      const float dt = p.softplus ? softplus_fast(x) : x;
+      dtv[j] = ok ? dt : 0.f;
       gyv[j] = ok ? to<float>(cgy.get(j)) : 0.f;
       if (j < ncols) {
         s_dt[dl * RS + k0 + j] = dtv[j];
@@ -368,7 +400,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     }
     convert_bc<T, kTb>(s_B, st, N, Np, t0, L, tid);
     convert_bc<T, kTb>(s_C, st + N * kTb, N, Np, t0, L, tid);
-    build_mask(s_mask, p.reset, b, t0, L, kTb, tid);
+    build_mask(s_mask, crst, tid);
     __syncthreads();
 
     const unsigned mask = *s_mask;
@@ -376,9 +408,9 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     const float* my_dtu = s_dtu + dl * RS;
     const float* my_gyc = s_gyc + dl * RS;
 
-    // Recompute the tile's states (hs[j] = h after step t0 + j) and, with z, y before the gate.
-    float hs[kTb][kStates];
-    {
+    // Recompute the tile's states (s_hs[j] = h after step t0 + j; shared memory, so the adjoint
+    // loop below keeps few registers) and, with z, y before the gate.
+    auto recompute = [&](auto with_reset) {
       float hc[kStates] = {hst[0], hst[1], hst[2], hst[3]};
 #pragma unroll
       for (int j4 = 0; j4 < kTb / 4; ++j4) {
@@ -391,15 +423,13 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
           const int j = 4 * j4 + jj;
           const float4 Bv = *reinterpret_cast<const float4*>(s_B + j * BS + kStates * g);
           const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
-          if (mask & (1u << j)) {
+          if (decltype(with_reset)::value && (mask & (1u << j))) {
 #pragma unroll
             for (int i = 0; i < kStates; ++i) hc[i] = 0.f;
           }
 #pragma unroll
-          for (int i = 0; i < kStates; ++i) {
-            hc[i] = fmaf(exp_scaled(dts[jj] * A2[i]), hc[i], dtus[jj] * Bs[i]);
-            hs[j][i] = hc[i];
-          }
+          for (int i = 0; i < kStates; ++i) hc[i] = fmaf(exp_scaled(dts[jj] * A2[i]), hc[i], dtus[jj] * Bs[i]);
+          s_hs[j * kThreads + tid] = make_float4(hc[0], hc[1], hc[2], hc[3]);
           if (gz) {
             const float4 Cv = *reinterpret_cast<const float4*>(s_C + j * BS + kStates * g);
             float acc = 0.f;
@@ -412,11 +442,14 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
         }
         if (gz) *reinterpret_cast<float4*>(s_p1 + tid * RS + 4 * j4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
       }
-    }
+    };
+    if (mask) recompute(std::true_type{});
+    else recompute(std::false_type{});
     // With z: the gate's gradient needs y before the gate, summed over the channel's lanes.
     if (gz) {
       __syncwarp();
       float yc[4] = {0.f, 0.f, 0.f, 0.f}, dzv[4];
+#pragma unroll
       for (int gg = 0; gg < G; ++gg)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -433,8 +466,12 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     __syncwarp();
 
     // Adjoint recurrence, newest step first; dh is the gradient w.r.t. the state after the step.
-#pragma unroll
-    for (int half = kTb / kSub - 1; half >= 0; --half) {
+    float hcur[kStates];  // h after step j (read from s_hs, carried down as the next step's prev)
+    {
+      const float4 v = s_hs[(kTb - 1) * kThreads + tid];
+      hcur[0] = v.x, hcur[1] = v.y, hcur[2] = v.z, hcur[3] = v.w;
+    }
+    auto adjoint = [&](int half, auto with_reset) {
       float sBq[4], qq[4];
 #pragma unroll
       for (int jj = kSub - 1; jj >= 0; --jj) {
@@ -443,20 +480,28 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
         const float4 Bv = *reinterpret_cast<const float4*>(s_B + j * BS + kStates * g);
         const float4 Cv = *reinterpret_cast<const float4*>(s_C + j * BS + kStates * g);
         const float Bs[4] = {Bv.x, Bv.y, Bv.z, Bv.w}, Cs[4] = {Cv.x, Cv.y, Cv.z, Cv.w};
-        const bool rst = mask & (1u << j);
+        const bool rst = decltype(with_reset)::value && (mask & (1u << j));
+        float hprev[kStates];  // h before step j, ahead of its reset
+        if (j > 0) {
+          const float4 v = s_hs[(j > 0 ? j - 1 : 0) * kThreads + tid];
+          hprev[0] = v.x, hprev[1] = v.y, hprev[2] = v.z, hprev[3] = v.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < kStates; ++i) hprev[i] = hst[i];
+        }
         float sB = 0.f, q = 0.f, dBv[kStates], dCv[kStates];
 #pragma unroll
         for (int i = 0; i < kStates; ++i) {
           dh[i] = fmaf(gyc, Cs[i], dh[i]);
-          dCv[i] = gyc * hs[j][i];
+          dCv[i] = gyc * hcur[i];
           dBv[i] = dh[i] * dtu;
           sB = fmaf(dh[i], Bs[i], sB);
-          const float prev = rst ? 0.f : (j > 0 ? hs[j > 0 ? j - 1 : 0][i] : hst[i]);
-          const float a = exp_scaled(dt * A2[i]);
-          const float x = dh[i] * prev * a;
+          const float da = dh[i] * exp_scaled(dt * A2[i]);  // gradient carried to the state before
+          const float x = rst ? 0.f : da * hprev[i];         // ∂/∂(Δ·A) of this step
           dAacc[i] = fmaf(x, dt, dAacc[i]);
           q = fmaf(x, A2[i], q);
-          dh[i] = rst ? 0.f : dh[i] * a;
+          dh[i] = rst ? 0.f : da;
+          hcur[i] = hprev[i];
         }
         float* red = s_red + (jj * DT + dl) * Np + kStates * g;
         *reinterpret_cast<float4*>(red) = make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
@@ -467,6 +512,11 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
           *reinterpret_cast<float4*>(s_p2 + tid * RS + j) = make_float4(qq[0], qq[1], qq[2], qq[3]);
         }
       }
+    };
+#pragma unroll
+    for (int half = kTb / kSub - 1; half >= 0; --half) {
+      if (mask) adjoint(half, std::true_type{});
+      else adjoint(half, std::false_type{});
       __syncthreads();
       // dB/dC of these kSub steps summed over the block's channels: pairs of lanes split the rows
       // (interleaved, which keeps the 16-byte reads off shared banks), then one adds to global.
@@ -483,7 +533,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
         acc.y += __shfl_xor_sync(0xffffffffu, acc.y, 1);
         acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
         acc.w += __shfl_xor_sync(0xffffffffu, acc.w, 1);
-        const int64_t t = t0 + half * kSub + jj;
+        const int t = t0 + half * kSub + jj;
         if (rh == 0 && t < L) {
           float* dst = (which ? p.dC : p.dB) + int64_t(b) * N * L + t;
           const float vals[4] = {acc.x, acc.y, acc.z, acc.w};
@@ -498,6 +548,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T> 
     // du, ddelta for this lane's columns; dD and ddelta_bias accumulate per lane.
     {
       float S[4] = {0.f, 0.f, 0.f, 0.f}, Q[4] = {0.f, 0.f, 0.f, 0.f}, du[4], dd[4];
+#pragma unroll
       for (int gg = 0; gg < G; ++gg)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -652,11 +703,6 @@ __global__ void scan_bwd_simple(const SimpleParams<S> p) {
 
 // ---- host side -----------------------------------------------------------------------------------
 
-// Past 48 KB a kernel needs an explicit opt-in (per device; not a stream operation, so capture-safe).
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
 
 bool use_fast_path(const ScanDims& s) { return s.state_dtype == at::kFloat && s.dstate <= kMaxFastN; }
 
@@ -690,21 +736,29 @@ bool rows_aligned(const ScanParams<T>& p) {
 
 template <typename T, bool kCkpt>
 void launch_fwd(const ScanParams<T>& p) {
-  auto kernel = scan_fwd_kernel<T, kCkpt>;
   const Layout lay = make_layout(false, p.G, p.dstate, sizeof(T));
-  allow_smem(kernel, lay.total);
   const dim3 grid(ceil_div(p.dim, kThreads / p.G), p.batch);
-  kernel<<<grid, kThreads, lay.total, current_stream()>>>(p);
+  if (p.G == 4) {
+    opt_in_smem<scan_fwd_kernel<T, kCkpt, 4>>();
+    scan_fwd_kernel<T, kCkpt, 4><<<grid, kThreads, lay.total, current_stream()>>>(p);
+  } else {
+    opt_in_smem<scan_fwd_kernel<T, kCkpt, 0>>();
+    scan_fwd_kernel<T, kCkpt, 0><<<grid, kThreads, lay.total, current_stream()>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_bwd(const ScanParams<T>& p) {
-  auto kernel = scan_bwd_kernel<T>;
   const Layout lay = make_layout(true, p.G, p.dstate, sizeof(T));
-  allow_smem(kernel, lay.total);
   const dim3 grid(ceil_div(p.dim, kThreads / p.G), p.batch);
-  kernel<<<grid, kThreads, lay.total, current_stream()>>>(p);
+  if (p.G == 4) {
+    opt_in_smem<scan_bwd_kernel<T, 4>>();
+    scan_bwd_kernel<T, 4><<<grid, kThreads, lay.total, current_stream()>>>(p);
+  } else {
+    opt_in_smem<scan_bwd_kernel<T, 0>>();
+    scan_bwd_kernel<T, 0><<<grid, kThreads, lay.total, current_stream()>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -741,6 +795,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cuda(
     const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& reset) {
   const ScanDims s = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
+  TORCH_CHECK(s.seqlen < (int64_t(1) << 31), "selective_scan: CUDA kernels take L < 2^31, got ", s.seqlen);
   c10::cuda::CUDAGuard guard(u.device());
   const auto opts = u.options().dtype(s.state_dtype);
   auto final_state = at::empty({s.batch, s.dim, s.dstate}, opts);
@@ -784,6 +839,7 @@ selective_scan_backward_cuda(const at::Tensor& grad_y, const std::optional<at::T
               u.sizes(), ", got ", grad_y.sizes());
   TORCH_CHECK(grad_y.device() == u.device(), "selective_scan_backward: argument 'grad_y' is on ", grad_y.device(),
               " but the inputs are on ", u.device());
+  TORCH_CHECK(s.seqlen < (int64_t(1) << 31), "selective_scan_backward: CUDA kernels take L < 2^31, got ", s.seqlen);
   at::Tensor gfinal;
   if (grad_final_state && grad_final_state->defined()) {
     TORCH_CHECK(grad_final_state->sizes() == at::IntArrayRef({s.batch, s.dim, s.dstate}),

@@ -20,8 +20,9 @@ endfunction()
 file(REMOVE_RECURSE ${prefix} ${scratch}/run)
 run("install" ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefix})
 
+# TORCH_DIR is <torch>/share/cmake/Torch; its parent is the prefix torch.utils.cmake_prefix_path names.
 # The environment's CMAKE_PREFIX_PATH (':'-separated) keeps the list out of CMake's own splitting.
-set(ENV{CMAKE_PREFIX_PATH} "${prefix}:${TORCH_DIR}/../..")
+set(ENV{CMAKE_PREFIX_PATH} "${prefix}:${TORCH_DIR}/..")
 set(configure_args -S ${SOURCE_DIR} -B ${scratch}/build -G ${GENERATOR})
 find_program(CCACHE ccache)
 if(CCACHE)

@@ -167,12 +167,12 @@ def test_chunks_with_carried_state_equal_one_pass():
     args, kwargs = scan_inputs(seed=3)
     kwargs["reset"][0, 20] = True  # on a chunk edge
     y, state = sm.selective_scan(*args, **kwargs)
+    u, delta, A, B, C = args
     ys, carried = [], kwargs["initial_state"]
     for t0, t1 in [(0, 7), (7, 20), (20, 21), (21, 37)]:
-        cut = [a[..., t0:t1] if a.dim() == 3 and a.shape[-1] == 37 else a for a in args]
-        kw = {k: (v[..., t0:t1] if torch.is_tensor(v) and v.shape[-1] == 37 else v) for k, v in kwargs.items()}
-        kw["initial_state"] = carried
-        y_chunk, carried = sm.selective_scan(*cut, **kw)
+        steps = lambda t: t[..., t0:t1]
+        kw = dict(kwargs, z=steps(kwargs["z"]), reset=steps(kwargs["reset"]), initial_state=carried)
+        y_chunk, carried = sm.selective_scan(steps(u), steps(delta), A, steps(B), steps(C), **kw)
         ys.append(y_chunk)
     torch.testing.assert_close(torch.cat(ys, -1), y, rtol=0, atol=0)
     torch.testing.assert_close(carried, state, rtol=0, atol=0)

@@ -28,8 +28,6 @@ std::string index_str(at::IntArrayRef shape, int64_t flat) {
   return o.str() + ']';
 }
 
-at::ScalarType state_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Seeded draws, made in float64 and then rounded to the wanted dtype, so every dtype sees the same values.
 struct Draw {
   at::Generator gen;
@@ -48,6 +46,21 @@ OptTensor slice_time(const OptTensor& t, int64_t dim, int64_t t0, int64_t t1) {
 }
 
 }  // namespace
+
+const std::vector<at::ScalarType>& input_dtypes() {
+  static const std::vector<at::ScalarType> dtypes = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+  return dtypes;
+}
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "f32";
+    case at::kDouble: return "f64";
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "f16";
+    default: return c10::toString(t);
+  }
+}
 
 Tolerance output_tolerance(at::ScalarType t) {
   switch (t) {

@@ -16,6 +16,18 @@ namespace statemamba::test {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// The input dtypes every op accepts, and short names for test names ("f32", "bf16", ...).
+const std::vector<at::ScalarType>& input_dtypes();
+std::string dtype_name(at::ScalarType t);
+// The dtype of state (and the default for parameters) for inputs of dtype t.
+inline at::ScalarType state_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// For ::testing::TestWithParam<at::ScalarType> suites.
+struct DtypeTestName {
+  template <typename Info>
+  std::string operator()(const Info& info) const { return dtype_name(info.param); }
+};
+
 // |actual - expected| <= atol + rtol·|expected| elementwise, as torch.allclose.
 struct Tolerance {
   double rtol, atol;

@@ -1,32 +1,51 @@
 #pragma once
 // A fresh temporary directory for one test, removed with everything in it when the test ends.
+// POSIX calls, not std::filesystem: libtorch.so exports its own copy of std::filesystem's functions,
+// which take the place of libstdc++'s in programs linking torch, and its remove_all crashes.
+#include <dirent.h>
+#include <ftw.h>
+#include <stdlib.h>
+
+#include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace statemamba::test {
 
 class TempDir {
  public:
   TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "statemamba-test-XXXXXX").string();
+    const char* base = std::getenv("TMPDIR");
+    std::string pattern = std::string(base && *base ? base : "/tmp") + "/statemamba-test-XXXXXX";
     if (!::mkdtemp(pattern.data())) throw std::runtime_error("TempDir: mkdtemp failed for " + pattern);
     path_ = pattern;
   }
   ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
+    ::nftw(
+        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); }, 16,
+        FTW_DEPTH | FTW_PHYS);
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
 
-  const std::filesystem::path& path() const { return path_; }
-  // The path of `name` inside the directory, as a string.
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  const std::string& path() const { return path_; }
+  // The path of `name` inside the directory.
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  // The names of the directory's entries.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    if (DIR* d = ::opendir(path_.c_str())) {
+      while (const dirent* e = ::readdir(d))
+        if (std::string(e->d_name) != "." && std::string(e->d_name) != "..") names.push_back(e->d_name);
+      ::closedir(d);
+    }
+    return names;
+  }
 
  private:
-  std::filesystem::path path_;
+  std::string path_;
 };
 
 }  // namespace statemamba::test

@@ -1,0 +1,150 @@
+#pragma once
+// PPO with GAE for recurrent policies, trained on chunks of a never-ending stream of episodes.
+//
+// Each update collects rollout_len steps from every environment, then runs epochs x minibatches
+// of gradient steps. The recurrent state is carried from chunk to chunk and zeroed only for
+// environments whose episode ended. The state before a chunk's first step is stored with it, so
+// the update replays the chunk exactly from there, the episode starts inside it passed as reset
+// masks. Minibatches are fixed groups of environments with their sequences whole; the rollout
+// steps the policy group by group, so a stepwise replay sees the shapes the rollout saw and
+// reproduces its logits and values bit for bit (the ratio is exactly 1 before the first gradient
+// step; see rl/policy.h).
+//
+//   PPOTrainer trainer(make_env(env_options, device, seed), make_policy(policy_options, ...), ppo, seed);
+//   for (int i = 0; i < 300; ++i) UpdateStats s = trainer.update();
+//   trainer.save("run/checkpoint.pt");     // later: trainer.load(...) continues exactly
+#include <torch/optim/adam.h>
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rl/env.h"
+#include "rl/policy.h"
+
+namespace statemamba::rl {
+
+struct PPOOptions {
+  int64_t rollout_len = 64;   // T: steps per environment per update
+  int64_t epochs = 4;
+  int64_t minibatches = 2;    // groups of environments; must divide num_envs
+  double lr = 1e-3;
+  double adam_eps = 1e-5;
+  double gamma = 0.99;
+  double gae_lambda = 0.95;
+  double clip = 0.2;
+  double value_coef = 0.5;
+  double entropy_coef = 0.01;
+  double max_grad_norm = 0.5;
+  bool normalize_advantages = true;
+  // Replay one step at a time (bit-exact with the rollout) or the whole chunk in one pass (faster,
+  // equal to rounding).
+  bool stepwise_replay = true;
+  // Chunks the gradient flows back through. 1: truncated at the chunk's start. K > 1: the previous
+  // K-1 chunks are replayed too (no loss on them) and the gradient reaches them through the
+  // chunk's initial state; its value stays the stored one, so the replay still matches the rollout.
+  int64_t grad_chunks = 1;
+  int64_t accuracy_window = 256;  // graded answers (and episode returns) that accuracy is over
+  uint64_t seed = 0;
+};
+
+// One chunk, time-major: [T, N, ...].
+struct Rollout {
+  at::Tensor obs;       // [T, N, obs_dim]
+  at::Tensor resets;    // [T, N] bool: the observation at t starts an episode (state zeroed before t)
+  at::Tensor logits;    // [T, N, A]
+  at::Tensor values;    // [T, N]
+  at::Tensor actions;   // [T, N] int64
+  at::Tensor rewards;   // [T, N]
+  at::Tensor dones;     // [T, N] bool: the episode ended with step t
+  at::Tensor answered, correct, graded;  // [T, N] bool, as EnvStep's
+  at::Tensor last_values;                // [N]: V of the observation after the chunk
+  std::vector<RecurrentState> state0;    // per group: the state before step 0
+};
+
+// GAE(gamma, lambda) over a chunk; dones cut the bootstrap. Returns (advantages, returns), [T, N].
+std::pair<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& dones,
+                                      const at::Tensor& last_values, double gamma, double lambda);
+
+// Accuracy and return over recently finished work, on the CPU.
+class EpisodeStats {
+ public:
+  EpisodeStats(int64_t num_envs, int64_t window);
+  void add(const Rollout& r);
+  double accuracy() const;     // NaN until something was graded
+  double mean_return() const;  // NaN until an episode finished
+  int64_t answers() const { return total_answers_; }
+  int64_t episodes() const { return total_episodes_; }
+  void save(torch::serialize::OutputArchive& archive) const;
+  void load(torch::serialize::InputArchive& archive);
+
+ private:
+  int64_t window_, total_answers_ = 0, total_episodes_ = 0;
+  std::deque<double> correct_, returns_;  // the most recent window of each
+  std::vector<double> running_;           // the return so far of each environment's episode
+};
+
+struct UpdateStats {
+  int64_t update = 0;       // 1-based
+  int64_t env_steps = 0;    // total so far
+  double accuracy = 0, mean_return = 0;
+  int64_t answers = 0, episodes = 0;  // totals so far
+  double policy_loss = 0, value_loss = 0, entropy = 0, approx_kl = 0, clip_frac = 0, grad_norm = 0;
+  double first_ratio_dev = 0;  // max |ratio - 1| of the first minibatch before its gradient step
+  double seconds = 0, steps_per_second = 0;
+
+  // Every field by name, in a fixed order (the CSV columns); from_fields inverts it.
+  std::vector<std::pair<std::string, double>> fields() const;
+  static UpdateStats from_fields(const std::vector<double>& values);
+};
+
+class PPOTrainer {
+ public:
+  PPOTrainer(std::unique_ptr<Env> env, RecurrentPolicy policy, const PPOOptions& options);
+
+  UpdateStats update();  // collect a chunk, then train on it
+
+  // The pieces of update(), for tests: collect() steps every environment rollout_len times (no
+  // gradient); replay() runs group g of a chunk through the current policy as the update does.
+  Rollout collect();
+  PolicyOutput replay(const Rollout& r, int64_t group);
+
+  // Everything a run depends on: policy, optimiser, environments, recurrent states, random
+  // generators, statistics, the chunks the gradient carries into, the history of UpdateStats.
+  void save(const std::string& path) const;
+  void load(const std::string& path);
+
+  Env& env() { return *env_; }
+  RecurrentPolicy& policy() { return policy_; }
+  const PPOOptions& options() const { return options_; }
+  const std::vector<UpdateStats>& history() const { return history_; }
+  const std::vector<RecurrentState>& states() const { return states_; }
+  int64_t group_size() const { return group_size_; }
+
+ private:
+  struct Carried {  // an earlier chunk that the gradient flows back into
+    at::Tensor obs, resets;
+    std::vector<RecurrentState> state0;
+  };
+  void train(const Rollout& r, UpdateStats& stats);
+  RecurrentState replay_start(const Rollout& r, int64_t group);
+  at::Tensor rows(const at::Tensor& t, int64_t group) const { return t.narrow(1, group * group_size_, group_size_); }
+
+  std::unique_ptr<Env> env_;
+  RecurrentPolicy policy_;
+  PPOOptions options_;
+  int64_t groups_, group_size_;
+  std::unique_ptr<torch::optim::Adam> optimizer_;
+  at::Generator action_gen_;  // on the device: action sampling
+  at::Generator order_gen_;   // CPU: minibatch order
+  std::vector<RecurrentState> states_;  // per group
+  at::Tensor first_;                    // [N] bool: the current observation starts an episode
+  std::deque<Carried> carried_;
+  EpisodeStats stats_;
+  int64_t env_steps_ = 0;
+  std::vector<UpdateStats> history_;
+};
+
+}  // namespace statemamba::rl

@@ -1,0 +1,420 @@
+// rl/: environment semantics, recurrent-state resets, exact replay of stored chunks, GAE, learning,
+// checkpoint/resume, and the PNG plot writer. CPU only.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <fstream>
+#include <iterator>
+
+#include "rl/env.h"
+#include "rl/plot.h"
+#include "rl/policy.h"
+#include "rl/ppo.h"
+#include "support/expect_error.h"
+#include "support/tmpdir.h"
+
+namespace rl = statemamba::rl;
+using statemamba::test::expect_error;
+using statemamba::test::TempDir;
+
+namespace {
+
+// One thread: the ops here are tiny, and on a busy machine OpenMP's barriers cost far more than
+// a second thread gains (an update measured 60x slower with two threads on two loaded cores).
+class OneThread : public ::testing::Environment {
+  void SetUp() override { at::set_num_threads(1); }
+};
+[[maybe_unused]] ::testing::Environment* const kOneThread = ::testing::AddGlobalTestEnvironment(new OneThread);
+
+const std::vector<std::string> kControllers = {"mamba", "gru"};
+
+rl::PolicyOptions small_policy(const std::string& controller) {
+  rl::PolicyOptions o;
+  o.controller = controller;
+  o.width = 16;
+  o.d_state = 8;
+  return o;
+}
+
+// A trainer on the delayed-memory task whose episodes are shorter than a chunk, so that every
+// chunk holds episode boundaries at staggered places.
+rl::PPOTrainer make_trainer(const std::string& controller, rl::PPOOptions ppo, int64_t num_envs = 8,
+                            int64_t delay = 5, uint64_t seed = 3) {
+  rl::EnvOptions e;
+  e.num_envs = num_envs, e.num_bits = 2, e.horizon = delay;
+  torch::manual_seed(seed);
+  auto env = rl::make_env(e, torch::kCPU, seed);
+  auto policy = rl::make_policy(small_policy(controller), env->obs_dim(), env->num_actions());
+  ppo.seed = seed;
+  return rl::PPOTrainer(std::move(env), policy, ppo);
+}
+
+rl::PPOOptions small_ppo() {
+  rl::PPOOptions o;
+  o.rollout_len = 16;
+  o.minibatches = 2;
+  o.epochs = 2;
+  return o;
+}
+
+at::Tensor group_rows(const at::Tensor& t, const rl::PPOTrainer& trainer, int64_t g) {
+  return t.narrow(1, g * trainer.group_size(), trainer.group_size());
+}
+
+}  // namespace
+
+// ---- environments --------------------------------------------------------------------------------
+
+TEST(RlEnv, DelayedMemoryEpisodes) {
+  const int64_t N = 16, k = 3, delay = 4, length = delay + 2;
+  rl::DelayedMemoryEnv env(N, k, delay, /*distractors=*/false, torch::kCPU, 7);
+  EXPECT_EQ(env.obs_dim(), k + 2);
+  EXPECT_EQ(env.num_actions(), 8);
+  EXPECT_EQ(env.episode_length(), length);
+  EXPECT_GT(std::get<0>(at::_unique(env.phase())).numel(), 2) << "episode starts are not staggered";
+
+  std::vector<bool> seen_start(N, false);
+  int64_t graded_answers = 0;
+  for (int64_t t = 0; t < 3 * length; ++t) {
+    const at::Tensor phase = env.phase().clone(), obs = env.observe(), bits = env.bits().clone();
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = phase[n].item<int64_t>();
+      const at::Tensor o = obs[n];
+      if (p == 0) {
+        EXPECT_TRUE(at::equal(o.slice(0, 0, k), 2 * bits[n] - 1)) << "the bits are shown at the first step";
+        EXPECT_EQ(o[k].item<float>(), 1);
+        EXPECT_EQ(o[k + 1].item<float>(), 0);
+      } else {
+        EXPECT_EQ(o.slice(0, 0, k + 1).abs().sum().item<float>(), 0) << "nothing is shown during the delay";
+        EXPECT_EQ(o[k + 1].item<float>(), p == length - 1 ? 1 : 0) << "the query flag, at phase " << p;
+      }
+    }
+    // Odd environments answer right, even ones wrong.
+    const at::Tensor right = env.answer();
+    const at::Tensor odd = at::arange(N) % 2 == 1;
+    const at::Tensor actions = at::where(odd, right, (right + 1) % 8);
+    const rl::EnvStep s = env.step(actions);
+    for (int64_t n = 0; n < N; ++n) {
+      const bool query = phase[n].item<int64_t>() == length - 1;
+      EXPECT_EQ(s.done[n].item<bool>(), query);
+      EXPECT_EQ(s.reward[n].item<float>(), query && n % 2 == 1 ? 1.0f : 0.0f);
+      // The first episode began before anything was seen: never graded.
+      EXPECT_EQ(s.answered[n].item<bool>(), query && seen_start[n]);
+      EXPECT_EQ(s.correct[n].item<bool>(), query && seen_start[n] && n % 2 == 1);
+      graded_answers += s.answered[n].item<bool>();
+      if (query) {
+        seen_start[n] = true;
+        EXPECT_EQ(env.phase()[n].item<int64_t>(), 0) << "a new episode starts after the query";
+      }
+    }
+  }
+  EXPECT_GE(graded_answers, N);
+}
+
+TEST(RlEnv, DelayedMemoryDistractors) {
+  rl::DelayedMemoryEnv env(64, 2, 6, /*distractors=*/true, torch::kCPU, 1);
+  for (int t = 0; t < 8; ++t) {
+    const at::Tensor delay = (env.phase() > 0) & (env.phase() < 7), obs = env.observe();
+    const at::Tensor noise = obs.index({delay}).slice(1, 0, 2);
+    EXPECT_TRUE(at::equal(noise.abs(), at::ones_like(noise))) << "noise is +-1 on the bit channels";
+    EXPECT_EQ(obs.index({delay}).slice(1, 2).abs().sum().item<float>(), 0) << "no flags during the delay";
+    env.step(at::zeros({64}, at::kLong));
+  }
+}
+
+TEST(RlEnv, RepeatPrevious) {
+  const int64_t N = 8, cards = 4, lag = 3, length = 10;
+  rl::RepeatPreviousEnv env(N, cards, lag, length, torch::kCPU, 5);
+  std::vector<std::vector<int64_t>> shown(N);
+  std::vector<bool> seen_start(N, false);
+  for (int64_t t = 0; t < 3 * length; ++t) {
+    const at::Tensor phase = env.phase().clone();
+    const at::Tensor card = env.observe().argmax(1);
+    EXPECT_TRUE(at::equal(env.observe().sum(1), at::ones({N}))) << "one-hot cards";
+    std::vector<int64_t> actions(N);
+    for (int64_t n = 0; n < N; ++n) {
+      if (phase[n].item<int64_t>() == 0) shown[n].clear();
+      shown[n].push_back(card[n].item<int64_t>());
+      const int64_t p = phase[n].item<int64_t>();
+      // Right when the card `lag` steps back is known, else card 0.
+      actions[n] = p >= lag && static_cast<int64_t>(shown[n].size()) > lag ? shown[n][shown[n].size() - 1 - lag] : 0;
+    }
+    const rl::EnvStep s = env.step(at::tensor(actions));
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = phase[n].item<int64_t>();
+      EXPECT_EQ(s.answered[n].item<bool>(), p >= lag && seen_start[n]);
+      if (s.answered[n].item<bool>()) {
+        EXPECT_TRUE(s.correct[n].item<bool>());
+        EXPECT_FLOAT_EQ(s.reward[n].item<float>(), 1.0f / (length - lag));
+      }
+      EXPECT_EQ(s.done[n].item<bool>(), p == length - 1);
+      if (p == length - 1) seen_start[n] = true;
+    }
+  }
+}
+
+TEST(RlEnv, SaveLoadContinuesTheSameWay) {
+  TempDir dir;
+  rl::DelayedMemoryEnv a(8, 2, 3, /*distractors=*/true, torch::kCPU, 11);
+  for (int t = 0; t < 4; ++t) a.step(at::zeros({8}, at::kLong));
+  torch::serialize::OutputArchive out;
+  a.save(out);
+  out.save_to(dir.file("env.pt"));
+  rl::DelayedMemoryEnv b(8, 2, 3, /*distractors=*/true, torch::kCPU, 999);
+  torch::serialize::InputArchive in;
+  in.load_from(dir.file("env.pt"));
+  b.load(in);
+  for (int t = 0; t < 10; ++t) {
+    const at::Tensor actions = at::randint(4, {8}, at::kLong);
+    const rl::EnvStep sa = a.step(actions), sb = b.step(actions);
+    ASSERT_TRUE(at::equal(sa.obs, sb.obs) && at::equal(sa.reward, sb.reward) && at::equal(sa.done, sb.done)) << t;
+  }
+}
+
+TEST(RlEnv, BadOptions) {
+  rl::EnvOptions o;
+  o.task = "maze";
+  expect_error([&] { rl::make_env(o, torch::kCPU, 0); }, {"unknown task 'maze'"});
+  o.task = "memory", o.num_bits = 13;
+  expect_error([&] { rl::make_env(o, torch::kCPU, 0); }, {"num_bits"});
+  o.task = "repeat-previous", o.horizon = 5, o.length = 5;
+  expect_error([&] { rl::make_env(o, torch::kCPU, 0); }, {"must exceed the lag"});
+}
+
+// ---- policies and state ----------------------------------------------------------------------------
+
+TEST(RlPolicy, ResetGivesAFreshStateAndLeavesOtherEnvsAlone) {
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    torch::manual_seed(0);
+    auto policy = rl::make_policy(small_policy(controller), 4, 4);
+    torch::NoGradGuard no_grad;
+    rl::RecurrentState state = policy->initial_state(4);
+    for (int t = 0; t < 5; ++t) state = policy->step(at::randn({4, 4}), state).state;
+    const rl::RecurrentState before = state.clone(), fresh = policy->initial_state(4);
+    const at::Tensor mask = at::tensor({0, 1, 0, 1}).to(at::kBool);
+    state.reset(mask);
+    for (size_t i = 0; i < state.tensors.size(); ++i) {
+      for (int64_t n : {1, 3}) EXPECT_TRUE(at::equal(state.tensors[i][n], fresh.tensors[i][n])) << "tensor " << i;
+      for (int64_t n : {0, 2}) EXPECT_TRUE(at::equal(state.tensors[i][n], before.tensors[i][n])) << "tensor " << i;
+    }
+    // The reset rows now act as fresh ones.
+    const at::Tensor obs = at::randn({4, 4});
+    const rl::PolicyOutput a = policy->step(obs, state), b = policy->step(obs, fresh);
+    for (int64_t n : {1, 3}) EXPECT_TRUE(at::equal(a.logits[n], b.logits[n]) && at::equal(a.values[n], b.values[n]));
+  }
+}
+
+TEST(RlPolicy, ChunkEqualsStepsAndResetsActInsideTheChunk) {
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    torch::manual_seed(1);
+    auto policy = rl::make_policy(small_policy(controller), 3, 5);
+    torch::NoGradGuard no_grad;
+    const int64_t T = 12, N = 4;
+    const at::Tensor obs = at::randn({T, N, 3}), resets = at::rand({T, N}) < 0.2;
+    rl::RecurrentState state = policy->initial_state(N);
+    for (int t = 0; t < 3; ++t) state = policy->step(at::randn({N, 3}), state).state;
+    // Stepping by hand, zeroing states where an episode starts.
+    rl::RecurrentState s = state;
+    std::vector<at::Tensor> logits;
+    for (int64_t t = 0; t < T; ++t) {
+      s.reset(resets[t]);
+      rl::PolicyOutput out = policy->step(obs[t], s);
+      logits.push_back(out.logits);
+      s = out.state;
+    }
+    const rl::PolicyOutput chunk = policy->forward_chunk(obs, state, resets, /*stepwise=*/true);
+    EXPECT_TRUE(at::equal(chunk.logits, at::stack(logits))) << "stepwise chunk vs steps";
+    EXPECT_TRUE(chunk.state.equal(s));
+    const rl::PolicyOutput whole = policy->forward_chunk(obs, state, resets, /*stepwise=*/false);
+    EXPECT_TRUE(at::allclose(whole.logits, chunk.logits, 1e-5, 1e-6)) << "whole chunk vs steps";
+    for (size_t i = 0; i < s.tensors.size(); ++i) EXPECT_TRUE(at::allclose(whole.state.tensors[i], s.tensors[i], 1e-5, 1e-6));
+  }
+}
+
+TEST(RlPolicy, BadInputs) {
+  auto policy = rl::make_policy(small_policy("mamba"), 3, 5);
+  const auto state = policy->initial_state(2);
+  expect_error([&] { policy->step(at::randn({2, 4}), state); }, {"obs must be [N, 3]"});
+  expect_error([&] { policy->forward_chunk(at::randn({4, 2, 3}), state, at::zeros({4, 3}, at::kBool)); },
+               {"resets must be bool [T, N]"});
+  rl::PolicyOptions o = small_policy("lstm");
+  expect_error([&] { rl::make_policy(o, 3, 5); }, {"unknown controller 'lstm'"});
+  o = small_policy("mamba"), o.dt_min = 0.5, o.dt_max = 0.1;
+  expect_error([&] { rl::make_policy(o, 3, 5); }, {"dt_min"});
+}
+
+// ---- PPO -------------------------------------------------------------------------------------------
+
+TEST(RlPpo, GaeMatchesHandComputation) {
+  const double g = 0.9, l = 0.8;
+  // Two environments, three steps; env 0's episode ends at t = 1.
+  const at::Tensor rewards = at::tensor({0.0, 1.0, 1.0, 0.0, 0.5, 2.0}, at::kDouble).view({3, 2});
+  const at::Tensor values = at::tensor({0.1, 0.2, 0.3, 0.4, 0.5, 0.6}, at::kDouble).view({3, 2});
+  const at::Tensor dones = at::tensor({0, 0, 1, 0, 0, 0}).to(at::kBool).view({3, 2});
+  const at::Tensor last = at::tensor({0.7, 0.8}, at::kDouble);
+  auto [adv, ret] = rl::gae(rewards, values, dones, last, g, l);
+  const double d00 = 0 + g * 0.3 - 0.1, d10 = 1 + 0 - 0.3, d20 = 0.5 + g * 0.7 - 0.5;  // env 0
+  const double d01 = 1 + g * 0.4 - 0.2, d11 = 0 + g * 0.6 - 0.4, d21 = 2 + g * 0.8 - 0.6;  // env 1
+  const at::Tensor expected = at::tensor({d00 + g * l * d10, d01 + g * l * (d11 + g * l * d21),  //
+                                          d10, d11 + g * l * d21,                                //
+                                          d20, d21},
+                                         at::kDouble)
+                                  .view({3, 2});
+  EXPECT_TRUE(at::allclose(adv, expected, 1e-12, 1e-12)) << adv << expected;
+  EXPECT_TRUE(at::allclose(ret, expected + values, 1e-12, 1e-12));
+}
+
+// The update replays a stored chunk from its stored initial state with its resets as masks; the
+// logits and values must be the rollout's exactly, so the first ratio is exactly 1.
+TEST(RlPpo, ReplayReproducesTheRolloutExactly) {
+  for (const auto& controller : kControllers)
+    for (int64_t grad_chunks : {1, 3}) {
+      SCOPED_TRACE(controller + ", grad_chunks " + std::to_string(grad_chunks));
+      rl::PPOOptions o = small_ppo();
+      o.grad_chunks = grad_chunks;
+      rl::PPOTrainer trainer = make_trainer(controller, o);
+      for (int u = 0; u < 3; ++u) {  // later chunks start from carried, nonzero states
+        const rl::Rollout r = trainer.collect();
+        ASSERT_TRUE(r.resets.slice(0, 1).any().item<bool>()) << "no episode boundary inside the chunk";
+        for (int64_t g = 0; g < 2; ++g) {
+          const rl::PolicyOutput out = trainer.replay(r, g);  // with autograd on, as in the update
+          EXPECT_TRUE(at::equal(out.logits, group_rows(r.logits, trainer, g))) << "update " << u << ", group " << g;
+          EXPECT_TRUE(at::equal(out.values, group_rows(r.values, trainer, g))) << "update " << u << ", group " << g;
+        }
+        EXPECT_EQ(trainer.update().first_ratio_dev, 0.0) << "ratio != 1 before the first gradient step";
+      }
+    }
+}
+
+TEST(RlPpo, WholeChunkReplayMatchesToRounding) {
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    rl::PPOOptions o = small_ppo();
+    o.stepwise_replay = false;
+    rl::PPOTrainer trainer = make_trainer(controller, o);
+    trainer.update();
+    const rl::Rollout r = trainer.collect();
+    for (int64_t g = 0; g < 2; ++g) {
+      const rl::PolicyOutput out = trainer.replay(r, g);
+      EXPECT_TRUE(at::allclose(out.logits, group_rows(r.logits, trainer, g), 1e-5, 1e-6));
+      EXPECT_TRUE(at::allclose(out.values, group_rows(r.values, trainer, g), 1e-5, 1e-6));
+    }
+    EXPECT_LT(trainer.update().first_ratio_dev, 1e-5);
+  }
+}
+
+TEST(RlPpo, BadOptions) {
+  rl::PPOOptions o = small_ppo();
+  o.minibatches = 3;
+  expect_error([&] { make_trainer("gru", o); }, {"minibatches (3) must divide num_envs (8)"});
+  o = small_ppo(), o.rollout_len = 0;
+  expect_error([&] { make_trainer("gru", o); }, {"rollout_len must be at least 1"});
+}
+
+// Both controllers learn the short task (2 bits, a delay of 16) to 90% accuracy within the budget.
+TEST(RlPpo, LearnsShortDelayedMemory) {
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    rl::PPOOptions o;
+    o.rollout_len = 64, o.minibatches = 2, o.epochs = 4, o.lr = 2e-3;
+    o.stepwise_replay = false;  // the exactness is tested above; here speed matters
+    rl::EnvOptions e;
+    e.num_envs = 64, e.num_bits = 2, e.horizon = 16;
+    torch::manual_seed(0);
+    auto env = rl::make_env(e, torch::kCPU, 0);
+    rl::PolicyOptions p;
+    p.controller = controller, p.width = 32;
+    auto policy = rl::make_policy(p, env->obs_dim(), env->num_actions());
+    rl::PPOTrainer trainer(std::move(env), policy, o);
+    const auto t0 = std::chrono::steady_clock::now();
+    double best = 0;
+    int updates = 0;
+    for (; updates < 150 && best < 0.9; ++updates) {
+      const double acc = trainer.update().accuracy;
+      if (trainer.history().back().answers >= 256) best = std::max(best, acc);
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::cout << "[ " << controller << " ] accuracy " << best << " after " << updates << " updates, " << seconds
+              << " s" << std::endl;
+    EXPECT_GE(best, 0.9);
+  }
+}
+
+// A run saved halfway and resumed in a new process (here: new objects) ends exactly as an
+// uninterrupted one: parameters, states, environments and statistics.
+TEST(RlPpo, ResumeEqualsUninterrupted) {
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    TempDir dir;
+    rl::PPOOptions o = small_ppo();
+    o.grad_chunks = 2;  // the carried chunk is part of what must be saved
+    rl::PPOTrainer straight = make_trainer(controller, o);
+    for (int u = 0; u < 4; ++u) straight.update();
+
+    {
+      rl::PPOTrainer first = make_trainer(controller, o);
+      for (int u = 0; u < 2; ++u) first.update();
+      first.save(dir.file("ckpt.pt"));
+    }
+    rl::PPOTrainer resumed = make_trainer(controller, o, 8, 5, /*seed=*/12345);  // everything comes from the file
+    resumed.load(dir.file("ckpt.pt"));
+    for (int u = 0; u < 2; ++u) resumed.update();
+
+    const auto a = straight.policy()->named_parameters(), b = resumed.policy()->named_parameters();
+    for (const auto& item : a) EXPECT_TRUE(at::equal(item.value(), b[item.key()])) << item.key();
+    for (size_t g = 0; g < straight.states().size(); ++g) EXPECT_TRUE(straight.states()[g].equal(resumed.states()[g]));
+    EXPECT_TRUE(at::equal(straight.env().observe(), resumed.env().observe()));
+    ASSERT_EQ(straight.history().size(), resumed.history().size());
+    for (size_t u = 0; u < straight.history().size(); ++u) {
+      const auto x = straight.history()[u].fields(), y = resumed.history()[u].fields();
+      for (size_t i = 0; i < x.size(); ++i)
+        if (x[i].first != "seconds" && x[i].first != "steps_per_second")
+          EXPECT_TRUE(x[i].second == y[i].second || (std::isnan(x[i].second) && std::isnan(y[i].second)))
+              << "update " << u + 1 << " " << x[i].first << ": " << x[i].second << " vs " << y[i].second;
+    }
+  }
+}
+
+TEST(RlPpo, CheckpointOfAnotherSetupIsRefused) {
+  TempDir dir;
+  rl::PPOTrainer a = make_trainer("gru", small_ppo());
+  a.save(dir.file("ckpt.pt"));
+  rl::PPOTrainer b = make_trainer("gru", small_ppo(), 8, /*delay=*/6);
+  expect_error([&] { b.load(dir.file("ckpt.pt")); }, {"is for another setup", "delay=5", "delay=6"});
+  expect_error([&] { b.load(dir.file("missing.pt")); }, {"cannot read", "missing.pt"});
+}
+
+// ---- plot ------------------------------------------------------------------------------------------
+
+TEST(RlPlot, WritesAPngWithAxesLinesAndText) {
+  TempDir dir;
+  rl::Image img(40, 20);
+  img.line(0, 10, 39, 10, {255, 0, 0}, 1);
+  EXPECT_EQ(img.at(20, 10).r, 255);
+  EXPECT_EQ(img.at(20, 10).g, 0);
+  EXPECT_EQ(img.at(20, 5).g, 255) << "background";
+  img.text(1, 1, "A", {0, 0, 0});
+  EXPECT_EQ(img.at(1, 2).r, 0) << "the left stroke of 'A'";
+
+  rl::Series s{"mamba H=16", {1, 2, 3, 4}, {0.1, 0.5, std::nan(""), 0.9}};
+  rl::PlotOptions o;
+  o.title = "test", o.x_label = "update", o.y_label = "accuracy", o.y_min = 0, o.y_max = 1;
+  rl::plot_lines(dir.file("plot.png"), {s}, o);
+  std::ifstream in(dir.file("plot.png"), std::ios::binary);
+  const std::string png((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(png.size(), 100u);
+  EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+  EXPECT_EQ(png.substr(12, 4), "IHDR");
+  auto u32 = [&](size_t at) {
+    return (uint32_t(uint8_t(png[at])) << 24) | (uint32_t(uint8_t(png[at + 1])) << 16) |
+           (uint32_t(uint8_t(png[at + 2])) << 8) | uint32_t(uint8_t(png[at + 3]));
+  };
+  EXPECT_EQ(u32(16), 1000u);
+  EXPECT_EQ(u32(20), 600u);
+  EXPECT_EQ(png.substr(37, 4), "IDAT");
+  EXPECT_EQ(png.substr(png.size() - 8, 4), "IEND");
+  expect_error([&] { rl::plot_lines("/nonexistent/dir/plot.png", {s}, o); }, {"cannot write", "/nonexistent/dir/plot.png"});
+}
