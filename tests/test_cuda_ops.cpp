@@ -91,6 +91,8 @@ struct ScanCudaCase {
   std::string name;
   ScanOptions options;
 };
+// gtest prints parameters in test listings; the name says it all (the default dumps raw bytes).
+void PrintTo(const ScanCudaCase& c, std::ostream* os) { *os << c.name; }
 
 std::vector<ScanCudaCase> scan_cases() {
   std::vector<ScanCudaCase> cases;
@@ -365,6 +367,7 @@ struct ConvCudaCase {
   std::string name;
   ConvOptions options;
 };
+void PrintTo(const ConvCudaCase& c, std::ostream* os) { *os << c.name; }
 
 std::vector<ConvCudaCase> conv_cases() {
   std::vector<ConvCudaCase> cases;

@@ -1,6 +1,7 @@
 // CPU selective scan: one sequential pass per (batch, channel) row, rows in parallel.
 // Inputs are converted once to the state dtype (float32, or float64) so the recurrence and its
-// accumulation run at state precision whatever the input dtype.
+// accumulation run at state precision whatever the input dtype. The per-step state update is
+// ssm_row.h's, shared with the decode kernel; the row loops are built for AVX2 and baseline x86-64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "ops/args.h"
+#include "ops/cpu/ssm_row.h"
 #include "ops/math.h"
 
 namespace statemamba::ops {
@@ -74,12 +76,7 @@ struct Row {
   T dt(int64_t t) const { return softplus ? ops::softplus(dt_raw(t)) : dt_raw(t); }
   bool resets(int64_t t) const { return reset && reset[t]; }
   // h <- exp(dt A) h + dt B_t u_t, with h zeroed first on a reset.
-  void step(T* h, int64_t t) const {
-    const T dt_t = dt(t), dtu = dt_t * u[t];
-    const T* Bv = Bt + t * N;
-    if (resets(t)) std::fill(h, h + N, T(0));
-    for (int64_t n = 0; n < N; ++n) h[n] = std::exp(dt_t * A[n]) * h[n] + dtu * Bv[n];
-  }
+  SM_ALWAYS_INLINE void step(T* h, int64_t t) const { cpu::ssm_step(h, A, Bt + t * N, dt(t), u[t], resets(t), N); }
   void load_initial(T* h) const {
     if (h0) std::copy(h0, h0 + N, h);
     else std::fill(h, h + N, T(0));
@@ -87,6 +84,32 @@ struct Row {
 };
 
 int64_t grain_for(const ScanDims& s) { return std::max<int64_t>(1, 32768 / (s.seqlen * s.dstate)); }
+
+// Rows [begin, end) of the forward scan: y and the final state.
+template <typename T>
+SM_ALWAYS_INLINE void forward_rows(const ScanInputs& in, const ScanDims& s, bool softplus, const at::Tensor& y,
+                                   const at::Tensor& final_state, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const Row<T> r(in, s, row / s.dim, row % s.dim, softplus);
+    T* h = final_state.data_ptr<T>() + row * s.dstate;
+    T* out = y.data_ptr<T>() + row * s.seqlen;
+    r.load_initial(h);
+    for (int64_t t = 0; t < s.seqlen; ++t) {
+      r.step(h, t);
+      T acc = cpu::ssm_output(r.Ct + t * s.dstate, h, r.D, r.u[t], s.dstate);
+      if (r.z) acc *= silu(r.z[t]);
+      out[t] = acc;
+    }
+  }
+}
+SM_CPU_CLONES void forward_rows_f32(const ScanInputs& in, const ScanDims& s, bool softplus, const at::Tensor& y,
+                                    const at::Tensor& final_state, int64_t begin, int64_t end) {
+  forward_rows<float>(in, s, softplus, y, final_state, begin, end);
+}
+void forward_rows_f64(const ScanInputs& in, const ScanDims& s, bool softplus, const at::Tensor& y,
+                      const at::Tensor& final_state, int64_t begin, int64_t end) {
+  forward_rows<double>(in, s, softplus, y, final_state, begin, end);
+}
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -97,26 +120,110 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(
   const ScanInputs in = prepare(s, u, delta, A, B, C, D, z, delta_bias, initial_state, reset);
   auto y = at::empty({s.batch, s.dim, s.seqlen}, u.options().dtype(s.state_dtype));
   auto final_state = at::empty({s.batch, s.dim, s.dstate}, u.options().dtype(s.state_dtype));
-  AT_DISPATCH_FLOATING_TYPES(s.state_dtype, "selective_scan_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, s.batch * s.dim, grain_for(s), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const Row<T> r(in, s, row / s.dim, row % s.dim, delta_softplus);
-        T* h = final_state.data_ptr<T>() + row * s.dstate;
-        T* out = y.data_ptr<T>() + row * s.seqlen;
-        r.load_initial(h);
-        for (int64_t t = 0; t < s.seqlen; ++t) {
-          r.step(h, t);
-          const T* Cv = r.Ct + t * s.dstate;
-          T acc = r.D * r.u[t];
-          for (int64_t n = 0; n < s.dstate; ++n) acc += Cv[n] * h[n];
-          if (r.z) acc *= silu(r.z[t]);
-          out[t] = acc;
-        }
-      }
-    });
+  at::parallel_for(0, s.batch * s.dim, grain_for(s), [&](int64_t begin, int64_t end) {
+    if (s.state_dtype == at::kDouble) forward_rows_f64(in, s, delta_softplus, y, final_state, begin, end);
+    else forward_rows_f32(in, s, delta_softplus, y, final_state, begin, end);
   });
   return {y.to(u.scalar_type()), final_state};
+}
+
+// The backward pass's inputs beyond the forward's, and its outputs (per row, or per channel group
+// for dB and dC, which sum over channels).
+struct BackwardOutputs {
+  at::Tensor gy, gfinal, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_parts, dC_parts, dh0;
+  int64_t groups;
+};
+
+// Tasks [begin, end) of the backward pass; a task is one batch entry's group of channels.
+template <typename T>
+SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bool softplus_,
+                                     const BackwardOutputs& o, int64_t begin, int64_t end) {
+  const int64_t Dn = s.dim, N = s.dstate, L = s.seqlen, groups = o.groups;
+  const int64_t per_group = (Dn + groups - 1) / groups;
+  const int64_t nchunks = (L + kChunk - 1) / kChunk;
+  std::vector<T> checkpoints(nchunks * N), states(kChunk * N), dh(N), prev(N), h(N), a(N);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / groups, g = task % groups;
+    T* dB = o.dB_parts.data_ptr<T>() + (b * groups + g) * L * N;
+    T* dC = o.dC_parts.data_ptr<T>() + (b * groups + g) * L * N;
+    for (int64_t d = g * per_group; d < std::min(Dn, (g + 1) * per_group); ++d) {
+      const Row<T> r(in, s, b, d, softplus_);
+      const int64_t row = b * Dn + d;
+      const T* gyr = o.gy.data_ptr<T>() + row * L;
+      T* du_r = o.du.data_ptr<T>() + row * L;
+      T* ddelta_r = o.ddelta.data_ptr<T>() + row * L;
+      T* dz_r = o.dz.defined() ? o.dz.data_ptr<T>() + row * L : nullptr;
+      T* dA_r = o.dA_rows.data_ptr<T>() + row * N;
+      T dD = 0, dbias = 0;
+      // Pass 1: the state before each chunk.
+      r.load_initial(h.data());
+      for (int64_t t = 0; t < L; ++t) {
+        if (t % kChunk == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (t / kChunk) * N);
+        r.step(h.data(), t);
+      }
+      // Pass 2: chunks in reverse; dh is the gradient w.r.t. the state after step t.
+      if (o.gfinal.defined()) std::copy_n(o.gfinal.data_ptr<T>() + row * N, N, dh.begin());
+      else std::fill(dh.begin(), dh.end(), T(0));
+      for (int64_t c = nchunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+        std::copy_n(checkpoints.begin() + c * N, N, h.begin());
+        for (int64_t t = t0; t < t1; ++t) {
+          r.step(h.data(), t);
+          std::copy(h.begin(), h.end(), states.begin() + (t - t0) * N);
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const T* ht = states.data() + (t - t0) * N;
+          // The state this step started from, after its reset.
+          if (r.resets(t)) std::fill(prev.begin(), prev.end(), T(0));
+          else if (t > t0) std::copy_n(states.data() + (t - t0 - 1) * N, N, prev.begin());
+          else std::copy_n(checkpoints.begin() + c * N, N, prev.begin());
+          const T* Bv = r.Bt + t * N;
+          const T* Cv = r.Ct + t * N;
+          T* dBv = dB + t * N;
+          T* dCv = dC + t * N;
+          T gyc = gyr[t];
+          if (r.z) {
+            const T yc = cpu::ssm_output(Cv, ht, r.D, r.u[t], N);
+            dz_r[t] = gyc * yc * silu_grad(r.z[t]);
+            gyc *= silu(r.z[t]);
+          }
+          dD += gyc * r.u[t];
+          const T dt_raw = r.dt_raw(t);
+          const T dt = r.softplus ? softplus(dt_raw) : dt_raw, dtu = dt * r.u[t];
+          cpu::decay(a.data(), r.A, dt, N);
+          // Elementwise over the state (vectorised), then the two sums over it in a fixed order.
+          for (int64_t n = 0; n < N; ++n) {
+            dh[n] += gyc * Cv[n];
+            dCv[n] += gyc * ht[n];
+            dBv[n] += dh[n] * dtu;
+            dA_r[n] += dh[n] * prev[n] * a[n] * dt;
+          }
+          T du_t = gyc * r.D, ddt = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            du_t += dh[n] * dt * Bv[n];
+            ddt += dh[n] * (Bv[n] * r.u[t] + prev[n] * a[n] * r.A[n]);
+          }
+          if (r.resets(t)) std::fill(dh.begin(), dh.end(), T(0));
+          else for (int64_t n = 0; n < N; ++n) dh[n] *= a[n];
+          const T ddt_raw = r.softplus ? ddt * softplus_grad(dt_raw) : ddt;
+          du_r[t] = du_t;
+          ddelta_r[t] = ddt_raw;
+          dbias += ddt_raw;
+        }
+      }
+      std::copy(dh.begin(), dh.end(), o.dh0.data_ptr<T>() + row * N);
+      o.dD_rows.data_ptr<T>()[row] = dD;
+      o.dbias_rows.data_ptr<T>()[row] = dbias;
+    }
+  }
+}
+SM_CPU_CLONES void backward_tasks_f32(const ScanInputs& in, const ScanDims& s, bool softplus,
+                                      const BackwardOutputs& o, int64_t begin, int64_t end) {
+  backward_tasks<float>(in, s, softplus, o, begin, end);
+}
+void backward_tasks_f64(const ScanInputs& in, const ScanDims& s, bool softplus, const BackwardOutputs& o,
+                        int64_t begin, int64_t end) {
+  backward_tasks<double>(in, s, softplus, o, begin, end);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -143,7 +250,6 @@ selective_scan_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Te
   const int64_t Bn = s.batch, Dn = s.dim, N = s.dstate, L = s.seqlen;
   // dB and dC sum over channels: each task owns a group of channels and its own partial sums.
   const int64_t groups = std::clamp<int64_t>((2 * at::get_num_threads() + Bn - 1) / Bn, 1, Dn);
-  const int64_t per_group = (Dn + groups - 1) / groups;
   auto du = at::empty({Bn, Dn, L}, opts), ddelta = at::empty({Bn, Dn, L}, opts);
   auto dz = z ? at::empty({Bn, Dn, L}, opts) : at::Tensor();
   auto dA_rows = at::zeros({Bn, Dn, N}, opts), dD_rows = at::zeros({Bn, Dn}, opts);
@@ -151,84 +257,10 @@ selective_scan_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Te
   auto dB_parts = at::zeros({Bn, groups, L, N}, opts), dC_parts = at::zeros({Bn, groups, L, N}, opts);
   auto dh0 = at::empty({Bn, Dn, N}, opts);
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_backward_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, Bn * groups, 1, [&](int64_t begin, int64_t end) {
-      const int64_t nchunks = (L + kChunk - 1) / kChunk;
-      std::vector<T> checkpoints(nchunks * N), states(kChunk * N), dh(N), prev(N);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / groups, g = task % groups;
-        T* dB = dB_parts.data_ptr<T>() + (b * groups + g) * L * N;
-        T* dC = dC_parts.data_ptr<T>() + (b * groups + g) * L * N;
-        for (int64_t d = g * per_group; d < std::min(Dn, (g + 1) * per_group); ++d) {
-          const Row<T> r(in, s, b, d, delta_softplus);
-          const int64_t row = b * Dn + d;
-          const T* gyr = gy.data_ptr<T>() + row * L;
-          T* du_r = du.data_ptr<T>() + row * L;
-          T* ddelta_r = ddelta.data_ptr<T>() + row * L;
-          T* dz_r = dz.defined() ? dz.data_ptr<T>() + row * L : nullptr;
-          T* dA_r = dA_rows.data_ptr<T>() + row * N;
-          T dD = 0, dbias = 0;
-          // Pass 1: the state before each chunk.
-          std::vector<T> h(N);
-          r.load_initial(h.data());
-          for (int64_t t = 0; t < L; ++t) {
-            if (t % kChunk == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (t / kChunk) * N);
-            r.step(h.data(), t);
-          }
-          // Pass 2: chunks in reverse; dh is the gradient w.r.t. the state after step t.
-          if (gfinal.defined()) std::copy_n(gfinal.data_ptr<T>() + row * N, N, dh.begin());
-          else std::fill(dh.begin(), dh.end(), T(0));
-          for (int64_t c = nchunks - 1; c >= 0; --c) {
-            const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
-            std::copy_n(checkpoints.begin() + c * N, N, h.begin());
-            for (int64_t t = t0; t < t1; ++t) {
-              r.step(h.data(), t);
-              std::copy(h.begin(), h.end(), states.begin() + (t - t0) * N);
-            }
-            for (int64_t t = t1 - 1; t >= t0; --t) {
-              const T* ht = states.data() + (t - t0) * N;
-              // The state this step started from, after its reset.
-              if (r.resets(t)) std::fill(prev.begin(), prev.end(), T(0));
-              else if (t > t0) std::copy_n(states.data() + (t - t0 - 1) * N, N, prev.begin());
-              else std::copy_n(checkpoints.begin() + c * N, N, prev.begin());
-              const T* Bv = r.Bt + t * N;
-              const T* Cv = r.Ct + t * N;
-              T* dBv = dB + t * N;
-              T* dCv = dC + t * N;
-              T gyc = gyr[t];
-              if (r.z) {
-                T yc = r.D * r.u[t];
-                for (int64_t n = 0; n < N; ++n) yc += Cv[n] * ht[n];
-                dz_r[t] = gyc * yc * silu_grad(r.z[t]);
-                gyc *= silu(r.z[t]);
-              }
-              dD += gyc * r.u[t];
-              const T dt_raw = r.dt_raw(t);
-              const T dt = r.softplus ? softplus(dt_raw) : dt_raw;
-              T du_t = gyc * r.D, ddt = 0;
-              for (int64_t n = 0; n < N; ++n) {
-                dh[n] += gyc * Cv[n];
-                dCv[n] += gyc * ht[n];
-                const T a = std::exp(dt * r.A[n]);
-                dBv[n] += dh[n] * dt * r.u[t];
-                du_t += dh[n] * dt * Bv[n];
-                ddt += dh[n] * (Bv[n] * r.u[t] + prev[n] * a * r.A[n]);
-                dA_r[n] += dh[n] * prev[n] * a * dt;
-                dh[n] *= r.resets(t) ? T(0) : a;
-              }
-              const T ddt_raw = r.softplus ? ddt * softplus_grad(dt_raw) : ddt;
-              du_r[t] = du_t;
-              ddelta_r[t] = ddt_raw;
-              dbias += ddt_raw;
-            }
-          }
-          std::copy(dh.begin(), dh.end(), dh0.data_ptr<T>() + row * N);
-          dD_rows.data_ptr<T>()[row] = dD;
-          dbias_rows.data_ptr<T>()[row] = dbias;
-        }
-      }
-    });
+  const BackwardOutputs out{gy, gfinal, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_parts, dC_parts, dh0, groups};
+  at::parallel_for(0, Bn * groups, 1, [&](int64_t begin, int64_t end) {
+    if (acc == at::kDouble) backward_tasks_f64(in, s, delta_softplus, out, begin, end);
+    else backward_tasks_f32(in, s, delta_softplus, out, begin, end);
   });
 
   auto like = [](const at::Tensor& g, const at::Tensor& ref) { return g.to(ref.scalar_type()); };

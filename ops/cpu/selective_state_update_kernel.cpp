@@ -1,4 +1,4 @@
-// CPU decode step of the selective scan. Same arithmetic, in the same order, as one step of
+// CPU decode step of the selective scan. The step and output are ssm_row.h's, as in
 // ops/cpu/selective_scan_kernel.cpp, so stepping token by token reproduces the full scan exactly.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -7,10 +7,41 @@
 #include <algorithm>
 
 #include "ops/args.h"
+#include "ops/cpu/ssm_row.h"
 #include "ops/math.h"
 
 namespace statemamba::ops {
 namespace {
+
+struct DecodeTensors {
+  at::Tensor h, x, dt, A, B, C, D, z, bias, reset, y;  // in the state dtype, contiguous
+};
+
+// Rows [begin, end) of one decode step.
+template <typename T>
+SM_ALWAYS_INLINE void update_rows(const DecodeTensors& io, const ScanDims& s, bool dt_softplus, int64_t begin,
+                                  int64_t end) {
+  const int64_t N = s.dstate;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / s.dim, d = row % s.dim;
+    T* h = io.h.data_ptr<T>() + row * N;
+    const T u = io.x.data_ptr<T>()[row];
+    const T raw = io.dt.data_ptr<T>()[row] + (io.bias.defined() ? io.bias.data_ptr<T>()[d] : T(0));
+    const T dt_t = dt_softplus ? softplus(raw) : raw;
+    const bool reset = io.reset.defined() && io.reset.data_ptr<bool>()[b];
+    cpu::ssm_step(h, io.A.data_ptr<T>() + d * N, io.B.data_ptr<T>() + b * N, dt_t, u, reset, N);
+    T out = cpu::ssm_output(io.C.data_ptr<T>() + b * N, h, io.D.defined() ? io.D.data_ptr<T>()[d] : T(0), u, N);
+    if (io.z.defined()) out *= silu(io.z.data_ptr<T>()[row]);
+    io.y.data_ptr<T>()[row] = out;
+  }
+}
+SM_CPU_CLONES void update_rows_f32(const DecodeTensors& io, const ScanDims& s, bool dt_softplus, int64_t begin,
+                                   int64_t end) {
+  update_rows<float>(io, s, dt_softplus, begin, end);
+}
+void update_rows_f64(const DecodeTensors& io, const ScanDims& s, bool dt_softplus, int64_t begin, int64_t end) {
+  update_rows<double>(io, s, dt_softplus, begin, end);
+}
 
 at::Tensor selective_state_update_cpu(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
@@ -27,27 +58,10 @@ at::Tensor selective_state_update_cpu(const at::Tensor& state, const at::Tensor&
   // Work on a contiguous state and copy back if the caller's is strided.
   at::Tensor h_all = state.is_contiguous() ? state : state.contiguous();
   auto y = at::empty({s.batch, s.dim}, x.options().dtype(acc));
-  const int64_t N = s.dstate;
-  AT_DISPATCH_FLOATING_TYPES(acc, "selective_state_update_cpu", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, s.batch * s.dim, std::max<int64_t>(1, 4096 / N), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / s.dim, d = row % s.dim;
-        T* h = h_all.data_ptr<T>() + row * N;
-        const T* Av = A_.data_ptr<T>() + d * N;
-        const T* Bv = B_.data_ptr<T>() + b * N;
-        const T* Cv = C_.data_ptr<T>() + b * N;
-        const T u = x_.data_ptr<T>()[row];
-        const T raw = dt_.data_ptr<T>()[row] + (bias_.defined() ? bias_.data_ptr<T>()[d] : T(0));
-        const T dt_t = dt_softplus ? softplus(raw) : raw, dtu = dt_t * u;
-        if (reset_.defined() && reset_.data_ptr<bool>()[b]) std::fill(h, h + N, T(0));
-        for (int64_t n = 0; n < N; ++n) h[n] = std::exp(dt_t * Av[n]) * h[n] + dtu * Bv[n];
-        T out = (D_.defined() ? D_.data_ptr<T>()[d] : T(0)) * u;
-        for (int64_t n = 0; n < N; ++n) out += Cv[n] * h[n];
-        if (z_.defined()) out *= silu(z_.data_ptr<T>()[row]);
-        y.data_ptr<T>()[row] = out;
-      }
-    });
+  const DecodeTensors io{h_all, x_, dt_, A_, B_, C_, D_, z_, bias_, reset_, y};
+  at::parallel_for(0, s.batch * s.dim, std::max<int64_t>(1, 4096 / s.dstate), [&](int64_t begin, int64_t end) {
+    if (acc == at::kDouble) update_rows_f64(io, s, dt_softplus, begin, end);
+    else update_rows_f32(io, s, dt_softplus, begin, end);
   });
   if (!h_all.is_same(state)) const_cast<at::Tensor&>(state).copy_(h_all);
   return y.to(x.scalar_type());
