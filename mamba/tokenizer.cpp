@@ -633,6 +633,8 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& origi
       impl->id_to_vocab[id.get<int64_t>()] = token;
       impl->vocab_size = std::max(impl->vocab_size, id.get<int64_t>() + 1);
     }
+    TORCH_CHECK(impl->vocab_size < (int64_t(1) << 31), at, ": model.vocab has ids up to ", impl->vocab_size - 1,
+                ", more than this tokenizer supports (2^31 - 1)");
     const json unk = model.value("unk_token", json());
     if (unk.is_string()) {
       auto it = impl->vocab.find(unk.get<std::string>());
@@ -669,7 +671,6 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& origi
       impl->merges[pair_key(static_cast<int32_t>(ia->second), static_cast<int32_t>(ib->second))] = {
           static_cast<int32_t>(rank), static_cast<int32_t>(iab->second)};
     }
-    TORCH_CHECK(impl->vocab_size < (int64_t(1) << 31), at, ": vocabulary too large");
 
     // The normalizer.
     const json normalizer = root.value("normalizer", json());

@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
                        "tokenizers does (no special tokens added or skipped).");
   cli.add_options()("t,tokenizer", "path of a tokenizer.json", cxxopts::value<std::string>())(
       "m,model-dir", "a model directory holding tokenizer.json", cxxopts::value<std::string>())(
-      "i,input", "the text (or with --decode the ids); default: all of stdin", cxxopts::value<std::string>())(
+      "i,input", "the text (or with --decode the ids); default: all of stdin, as is (a final newline is text too)", cxxopts::value<std::string>())(
       "decode", "decode comma-separated ids to text")("h,help", "show this help");
   std::string path, input;
   bool decode = false;
