@@ -19,9 +19,10 @@ Each HF directory gets reference.safetensors and reference.json from transformer
 
 Run (transformers, tokenizers and safetensors installed beside the project venv's torch):
   PYTHONPATH=~/.cache/statemamba/hf-site ~/.cache/statemamba/venv-torch-2.11.0/bin/python tests/data/make_hf_fixtures.py
-Check that transformers loads a directory statemamba's save_pretrained wrote (see test_checkpoint.cpp,
-STATEMAMBA_KEEP_SAVED), and computes tiny-mamba-hf's reference logits with it:
-  ... make_hf_fixtures.py --check-saved DIR [--reference tests/data/tiny-mamba-hf]
+Check that transformers loads what statemamba's save_pretrained wrote and computes the fixtures'
+reference logits with it:
+  STATEMAMBA_KEEP_SAVED=DIR build/tests/test_checkpoint --gtest_filter=*KeepSaved*
+  ... make_hf_fixtures.py --check-saved DIR      (DIR/tiny-mamba-hf, DIR/tiny-mamba-hf-sharded)
 """
 import argparse
 import collections
@@ -62,8 +63,9 @@ def run_reference(model, ids):
     for i in range(n_layer):
         conv = cache.get_conv_state(i, state_idx=0)
         assert conv.shape[-1] == model.config.conv_kernel, conv.shape
-        tensors[f"conv_state.{i}"] = conv[..., 1:].float().contiguous()  # drop the oldest column
-        tensors[f"ssm_state.{i}"] = cache.get_recurrent_state(i, state_idx=0).float().contiguous()
+        # Copies: the decode below updates the cache in place.
+        tensors[f"conv_state.{i}"] = conv[..., 1:].float().clone()  # drop the oldest column
+        tensors[f"ssm_state.{i}"] = cache.get_recurrent_state(i, state_idx=0).float().clone()
 
     # Greedy decode through HF's cache (its one-token path) ...
     generated, margins = [], []
@@ -172,27 +174,34 @@ def make_all():
     assert total < 1_000_000
 
 
-def check_saved(saved, reference_dir, tolerance):
+def check_saved(root, tolerance):
     """transformers loads what statemamba's save_pretrained wrote and computes the reference logits."""
-    model = MambaForCausalLM.from_pretrained(saved).eval()
-    ref = load_file(os.path.join(reference_dir, "reference.safetensors"))
-    with torch.no_grad():
-        logits = model(ref["input_ids"]).logits
-    diff = (logits - ref["logits"]).abs().max().item()
-    print(f"transformers loaded {saved}: max |logits - reference| = {diff:.3g}")
-    if diff > tolerance:
-        sys.exit(f"FAILED: difference {diff} > {tolerance}")
+    checked = 0
+    for name in ("tiny-mamba-hf", "tiny-mamba-hf-sharded"):
+        saved = os.path.join(root, name)
+        if not os.path.isdir(saved):
+            continue
+        model = MambaForCausalLM.from_pretrained(saved).eval()
+        ref = load_file(os.path.join(HERE, name, "reference.safetensors"))
+        with torch.no_grad():
+            logits = model(ref["input_ids"]).logits
+        diff = (logits - ref["logits"]).abs().max().item()
+        print(f"transformers loaded {saved}: max |logits - reference| = {diff:.3g}")
+        if diff > tolerance:
+            sys.exit(f"FAILED: difference {diff} > {tolerance}")
+        checked += 1
+    if checked == 0:
+        sys.exit(f"FAILED: {root} holds neither tiny-mamba-hf nor tiny-mamba-hf-sharded")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check-saved", metavar="DIR", help="load DIR with transformers and compare to --reference")
-    parser.add_argument("--reference", default=os.path.join(HERE, "tiny-mamba-hf"))
+    parser.add_argument("--check-saved", metavar="DIR", help="load DIR/<fixture> with transformers, compare to references")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.check_saved:
-        check_saved(args.check_saved, args.reference, args.tolerance)
+        check_saved(args.check_saved, args.tolerance)
     else:
         make_all()
 
