@@ -5,7 +5,7 @@
 //   std::vector<int64_t> ids = tok.encode("Hello world");   // add_special_tokens=False
 //   std::string text = tok.decode(ids);                       // skip_special_tokens=False
 // Supported: model BPE (merges as "a b" strings or [a, b] pairs), added tokens (special or not),
-// normalizer null/absent, pre-tokenizer ByteLevel or Sequence[Split(GPT-2 regex), ByteLevel],
+// normalizer none or NFC, pre-tokenizer ByteLevel or Sequence[Split(GPT-2 regex), ByteLevel],
 // decoder ByteLevel. Anything else is refused at load with a c10::Error naming it.
 #include <cstdint>
 #include <memory>
@@ -34,7 +34,7 @@ class Tokenizer {
   std::optional<std::string> id_to_token(int64_t id) const;
   // One more than the largest id in the vocabulary or the added tokens (HF get_vocab_size(True)).
   int64_t vocab_size() const;
-  std::optional<int64_t> eos_id() const;  // "<|endoftext|>" or the tokenizer's eos, if any
+  std::optional<int64_t> eos_id() const;  // "<|endoftext|>", else "</s>", "<|end_of_text|>", "<eos>"
   bool is_special(int64_t id) const;      // an added token marked "special"
 
   // Copies share the loaded tables (immutable); encode/decode are safe to call from several threads.
