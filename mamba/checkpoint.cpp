@@ -585,6 +585,11 @@ MambaConfig read_pretrained_config(const std::string& dir) {
     return is_mamba_ssm_config(j) ? mamba_ssm_config(j, path) : hf_config(j, path);
   } catch (const json::exception& e) {
     TORCH_CHECK(false, "read_pretrained_config: '", path, "': ", e.what());
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    if (message.rfind("read_pretrained_config", 0) == 0) throw;
+    // MambaConfig::validate's errors, which know nothing of the file.
+    TORCH_CHECK(false, "read_pretrained_config: '", path, "': ", message);
   }
 }
 

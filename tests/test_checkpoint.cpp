@@ -16,6 +16,8 @@
 
 #include <sys/stat.h>
 
+#include <caffe2/serialize/inline_container.h>
+
 #include "mamba/checkpoint.h"
 #include "mamba/safetensors.h"
 #include "support/expect_error.h"
@@ -363,7 +365,7 @@ TEST(Checkpoint, ConfigErrors) {
   expect_config_error("tiny-mamba-hf", [](json& j) { j["intermediate_size"] = 65; },
                       {"intermediate_size 65", "expand * hidden_size = 64"});
   expect_config_error("tiny-mamba-hf", [](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act \"gelu\""});
-  expect_config_error("tiny-mamba-hf", [](json& j) { j["conv_kernel"] = 1; }, {"d_conv"});
+  expect_config_error("tiny-mamba-hf", [](json& j) { j["conv_kernel"] = 1; }, {"config.json", "d_conv"});
   expect_config_error("tiny-mamba-ssm", [](json& j) { j["ssm_cfg"]["layer"] = "Mamba2"; }, {"ssm_cfg.layer", "Mamba2"});
   expect_config_error("tiny-mamba-ssm", [](json& j) { j["ssm_cfg"]["headdim"] = 64; }, {"ssm_cfg.headdim", "not supported"});
   expect_config_error("tiny-mamba-ssm", [](json& j) { j["ssm_cfg"]["d_state"] = 2.5; }, {"\"ssm_cfg.d_state\" has the wrong type"});
@@ -402,6 +404,94 @@ TEST(Checkpoint, ShardIndexErrors) {
   expect_index_error([](json& j) { j["weight_map"].erase("backbone.layers.0.mixer.D"); },
                      {"holds 'backbone.layers.0.mixer.D'", "does not place there"});
   expect_index_error([](json& j) { j.erase("weight_map"); }, {"no \"weight_map\""});
+}
+
+// ---- pytorch_model.bin: our pickle reader against hand-made archives -------------------------------
+
+// Protocol-2 pickle opcodes, enough to spell torch.save's state dicts (and break them).
+struct Pickle {
+  std::string bytes = "\x80\x02";
+  Pickle& op(const std::string& o) { bytes += o; return *this; }
+  Pickle& str(const std::string& v) {
+    const uint32_t n = v.size();
+    bytes += 'X';
+    bytes.append(reinterpret_cast<const char*>(&n), 4);
+    bytes += v;
+    return *this;
+  }
+  Pickle& small_int(uint8_t v) { bytes += 'K'; bytes += char(v); return *this; }
+  Pickle& global(const std::string& module, const std::string& name) { bytes += "c" + module + "\n" + name + "\n"; return *this; }
+  // torch._utils._rebuild_tensor_v2(storage <key> of <numel> floats, offset, (size,), (stride,), False, OrderedDict())
+  Pickle& tensor(const std::string& key, uint8_t numel, uint8_t offset, uint8_t size, uint8_t stride) {
+    global("torch._utils", "_rebuild_tensor_v2").op("((").str("storage").global("torch", "FloatStorage").str(key).str("cpu");
+    small_int(numel).op("tQ").small_int(offset).small_int(size).op("\x85").small_int(stride).op("\x85\x89");
+    return global("collections", "OrderedDict").op(")Rt").op("R");
+  }
+};
+
+// A torch.save-style zip: data.pkl plus float storages data/<key>.
+void write_torch_zip(const std::string& path, const std::string& pickle, const std::map<std::string, std::vector<float>>& storages) {
+  caffe2::serialize::PyTorchStreamWriter writer(path);
+  writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+  writer.writeRecord("byteorder", "little", 6);
+  for (const auto& [key, values] : storages) writer.writeRecord("data/" + key, values.data(), values.size() * sizeof(float));
+  writer.writeEndOfFile();
+}
+
+std::map<std::string, at::Tensor> load_bin(const TempDir& dir, const std::string& pickle,
+                                           const std::map<std::string, std::vector<float>>& storages) {
+  write_file(dir.file("config.json"), R"({"d_model": 16, "n_layer": 1, "vocab_size": 8})");
+  write_torch_zip(dir.file("pytorch_model.bin"), pickle, storages);
+  return read_pretrained_tensors(dir.path());
+}
+
+TEST(TorchBin, ReadsAStateDictWithSharedStoragesAndViews) {
+  TempDir dir;
+  Pickle p;
+  p.global("collections", "OrderedDict").op(")R(");
+  p.str("backbone.embedding.weight").tensor("0", 6, 0, 4, 1);  // renamed to backbone.embeddings.weight
+  p.str("view").tensor("0", 6, 2, 2, 2);                       // elements 2 and 4 of the same storage
+  p.op("u");
+  p.op("}(").str("version").small_int(1).op("u").op("b");     // BUILD with _metadata-like state
+  p.op(".");
+  const auto t = load_bin(dir, p.bytes, {{"0", {0, 1, 2, 3, 4, 5}}});
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_TRUE(at::equal(t.at("backbone.embeddings.weight"), at::tensor({0.f, 1.f, 2.f, 3.f})));
+  EXPECT_TRUE(at::equal(t.at("view"), at::tensor({2.f, 4.f})));
+}
+
+TEST(TorchBin, RefusesHostilePickles) {
+  const std::map<std::string, std::vector<float>> one = {{"0", {1, 2, 3, 4}}};
+  auto expect_bin_error = [&](const std::string& pickle, const std::map<std::string, std::vector<float>>& storages,
+                              std::initializer_list<std::string> parts) {
+    TempDir dir;
+    expect_error([&] { load_bin(dir, pickle, storages); }, parts);
+  };
+  auto dict_with = [](const std::function<void(Pickle&)>& value) {
+    Pickle p;
+    p.op("}(").str("x");
+    value(p);
+    p.op("u.");
+    return p.bytes;
+  };
+  // Code execution is not on the menu.
+  expect_bin_error(Pickle().global("os", "system").str("echo hi").op("\x85R.").bytes, one, {"unsupported global os.system"});
+  expect_bin_error(Pickle().op("}(").str("x").bytes, one, {"ends before STOP"});
+  expect_bin_error(Pickle().op("\xff").bytes, one, {"unsupported pickle opcode 255"});
+  expect_bin_error(Pickle().op("h\x07.").bytes, one, {"memo entry 7"});
+  expect_bin_error(Pickle().op("0.").bytes, one, {"empty stack"});
+  expect_bin_error(Pickle().op("](").op("l.").bytes, one, {"unsupported pickle opcode"});
+  expect_bin_error(Pickle().op("].").bytes, one, {"must hold a state dict"});
+  expect_bin_error(dict_with([](Pickle& p) { p.small_int(3); }), one, {"'x' is not a tensor"});
+  expect_bin_error(dict_with([](Pickle& p) { p.tensor("0", 4, 0, 4, 1); }), {{"0", {1, 2}}},
+                   {"storage '0' has 8 bytes, expected 4 elements"});
+  expect_bin_error(dict_with([](Pickle& p) { p.tensor("1", 4, 0, 4, 1); }), one, {"storage '1' is missing"});
+  expect_bin_error(dict_with([](Pickle& p) { p.tensor("0", 4, 3, 4, 1); }), one, {"does not fit its storage"});
+  expect_bin_error(dict_with([](Pickle& p) {
+                     p.global("torch._utils", "_rebuild_tensor_v2").op("((").str("storage").global("torch", "ComplexFloatStorage");
+                     p.str("0").str("cpu").small_int(2).op("tQ").small_int(0).small_int(2).op("\x85").small_int(1).op("\x85\x89)t").op("R");
+                   }),
+                   one, {"unsupported storage type torch.ComplexFloatStorage"});
 }
 
 // ---- safetensors ----------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ def make_all():
         sd[name.replace("backbone.embeddings.", "backbone.embedding.")] = t
     # mamba_ssm's state_dict() lists the tied head as a second name for the embedding.
     sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    # ... and carries _metadata (pickled as a BUILD on the dict), as every state_dict() does.
+    sd._metadata = collections.OrderedDict((k.replace("embeddings", "embedding"), v) for k, v in tied.state_dict()._metadata.items())
     torch.save(sd, os.path.join(d_ssm, "pytorch_model.bin"))
     with open(os.path.join(d_ssm, "config.json"), "w") as f:
         json.dump({"d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 100,
