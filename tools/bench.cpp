@@ -2,6 +2,10 @@
 // prints one JSON document. Each case reports the median and best of --repeats timed runs and its
 // "floor": the bytes it must move divided by the measured copy rate (CUDA) — a ratio near 1 means
 // the op runs at memory speed.
+//
+// --model times the language model instead (mamba-130m's shape by default, random weights):
+// prefill (forward over [batch, prompt] tokens, full logits) and decode (step() per token, greedy
+// argmax on the device, so no host sync between tokens), in tokens per second.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -11,6 +15,8 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "mamba/cuda_graph_decoder.h"
+#include "mamba/modules.h"
 #include "ops/ops.h"
 
 #ifdef STATEMAMBA_WITH_CUDA
@@ -97,10 +103,122 @@ torch::ScalarType parse_dtype(const std::string& s) {
   throw cxxopts::exceptions::exception("--dtype must be float32, bfloat16, float16 or float64, got '" + s + "'");
 }
 
+// ---- the model ---------------------------------------------------------------------------------
+
+struct ModelBench {
+  int64_t d_model, n_layer, vocab;
+  int64_t prefill_batch, prompt_length;
+  std::vector<int64_t> decode_batches;
+  int64_t decode_steps;
+  int repeats;
+  bool graphs;  // also decode through CudaGraphDecoder
+};
+
+// The H100 figures in tokens/s (mamba_ssm's, and the target), for the mamba-130m shape.
+struct ModelFigure {
+  const char* phase;
+  torch::ScalarType dtype;
+  int64_t batch, length;  // length: the prompt for prefill, 0 for decode
+  double official, target;
+};
+constexpr ModelFigure kModelFigures[] = {
+    {"prefill", torch::kBFloat16, 8, 2048, 613e3, 900e3},
+    {"decode", torch::kBFloat16, 1, 0, 1243, 4000},  // mamba_ssm's with CUDA graphs
+    {"decode", torch::kBFloat16, 64, 0, 66.9e3, 130e3},
+};
+
+void add_figures(json& c, const ModelBench& m, const std::string& phase, torch::ScalarType dt, int64_t batch,
+                 int64_t length, double tokens_per_s) {
+  if (m.d_model != 768 || m.n_layer != 24 || m.vocab != 50280) return;
+  for (const auto& f : kModelFigures)
+    if (phase == f.phase && dt == f.dtype && batch == f.batch && length == f.length) {
+      c["official_tokens_per_s"] = f.official;
+      c["vs_official"] = tokens_per_s / f.official;
+      c["target_tokens_per_s"] = f.target;
+      c["vs_target"] = tokens_per_s / f.target;
+    }
+}
+
+double tensor_bytes(const at::Tensor& t) { return double(t.numel()) * t.element_size(); }
+
+json model_cases(const torch::Device& device, torch::ScalarType dt, const ModelBench& m, double copy_gbps) {
+  namespace st = statemamba;
+  torch::manual_seed(0);
+  st::MambaLMHeadModel model(st::MambaConfig(m.d_model, m.n_layer, m.vocab));
+  model->to(device, dt);
+  model->eval();
+  const auto state_dt = model->state_dtype();
+  const int64_t padded_vocab = model->options.padded_vocab_size();
+  const auto ids_options = torch::TensorOptions(device).dtype(torch::kLong);
+  double param_bytes = 0, param_count = 0;
+  for (const auto& p : model->parameters()) param_bytes += tensor_bytes(p), param_count += double(p.numel());
+  // Matmul work per token: 2 flops per weight of every Linear and of the (tied) head; the
+  // embedding lookup, norms, conv and scan are small beside it.
+  const double embed_params = double(padded_vocab) * m.d_model;
+  const double flops_per_token = 2.0 * (param_count - embed_params) + 2.0 * embed_params;
+
+  json cases = json::array();
+  const std::string dtype_name(c10::toString(dt));
+  {
+    const int64_t B = m.prefill_batch, L = m.prompt_length;
+    auto ids = torch::randint(m.vocab, {B, L}, ids_options);
+    Timing t = time_it(device, m.repeats, [&] {
+      auto state = st::MambaStackState::zeros(model->options, B, device, state_dt);
+      model->forward(ids, &state);
+    });
+    const double tokens_per_s = B * L / (t.median_ms * 1e-3);
+    json c = {{"phase", "prefill"}, {"dtype", dtype_name}, {"batch", B}, {"length", L},
+              {"median_ms", t.median_ms}, {"best_ms", t.best_ms}, {"tokens_per_s", tokens_per_s},
+              {"matmul_TFLOPs", flops_per_token * tokens_per_s * 1e-12}};
+    add_figures(c, m, "prefill", dt, B, L, tokens_per_s);
+    std::cerr << "prefill " << dtype_name << " B" << B << " L" << L << ": " << tokens_per_s << " tokens/s" << std::endl;
+    cases.push_back(c);
+  }
+  std::vector<std::string> modes{"eager"};
+  if (m.graphs) modes.push_back("graph");
+  for (int64_t B : m.decode_batches) {
+    for (const auto& mode : modes) {
+      auto state = st::MambaStackState::zeros(model->options, B, device, state_dt);
+      auto first = torch::randint(m.vocab, {B}, ids_options);
+      // Greedy decoding: each step's argmax is the next input, so nothing waits on the host.
+      Timing t{};
+      if (mode == "eager") {
+        t = time_it(device, m.repeats, [&] {
+          at::Tensor ids = first;
+          for (int64_t i = 0; i < m.decode_steps; ++i) ids = model->step(ids, state).argmax(-1);
+        });
+      } else {
+        st::CudaGraphDecoder decoder(model, B);
+        t = time_it(device, m.repeats, [&] {
+          at::Tensor ids = first;
+          for (int64_t i = 0; i < m.decode_steps; ++i) ids = decoder.step(ids).argmax(-1);
+        });
+      }
+      const double tokens_per_s = B * m.decode_steps / (t.median_ms * 1e-3);
+      // Floor: every weight read once per step, the state read and written, the logits written.
+      double state_bytes = 0;
+      for (const auto& layer : state.layers) state_bytes += tensor_bytes(layer.conv_state) + tensor_bytes(layer.ssm_state);
+      const double step_bytes = param_bytes + 2 * state_bytes + double(B) * padded_vocab * torch::elementSize(dt);
+      json c = {{"phase", "decode"}, {"mode", mode}, {"dtype", dtype_name}, {"batch", B},
+                {"steps", m.decode_steps}, {"median_ms", t.median_ms}, {"best_ms", t.best_ms},
+                {"ms_per_step", t.median_ms / m.decode_steps}, {"tokens_per_s", tokens_per_s}, {"step_bytes", step_bytes}};
+      if (copy_gbps > 0) {
+        const double floor_ms = step_bytes / (copy_gbps * 1e6);
+        c["floor_ms_per_step"] = floor_ms;
+        c["floor_ratio"] = (t.median_ms / m.decode_steps) / floor_ms;
+      }
+      if (mode == "graph") add_figures(c, m, "decode", dt, B, 0, tokens_per_s);  // mamba_ssm's are with graphs
+      std::cerr << "decode " << mode << " " << dtype_name << " B" << B << ": " << tokens_per_s << " tokens/s" << std::endl;
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  cxxopts::Options cli("statemamba-bench", "Time the statemamba ops; prints JSON.");
+  cxxopts::Options cli("statemamba-bench", "Time the statemamba ops (or, with --model, the language model); prints JSON.");
   cli.add_options()("device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "dtype", "float32, bfloat16, float16, float64",
       cxxopts::value<std::vector<std::string>>()->default_value("float32"))(
@@ -110,8 +228,18 @@ int main(int argc, char** argv) {
       "n,dstate", "d_state", cxxopts::value<int64_t>()->default_value("16"))(
       "w,width", "conv width", cxxopts::value<int64_t>()->default_value("4"))(
       "decode-batch", "batch for the decode ops", cxxopts::value<int64_t>()->default_value("64"))(
-      "r,repeats", "timed runs per case", cxxopts::value<int>()->default_value("10"))(
+      "r,repeats", "timed runs per case (default 10; 3 with --model)", cxxopts::value<int>())(
       "h,help", "show this help");
+  cli.add_options("model")("model", "time MambaLMHeadModel prefill and decode instead of the ops")(
+      "d-model", "d_model", cxxopts::value<int64_t>()->default_value("768"))(
+      "layers", "n_layer", cxxopts::value<int64_t>()->default_value("24"))(
+      "vocab", "vocab_size", cxxopts::value<int64_t>()->default_value("50280"))(
+      "prefill-batch", "prefill batch", cxxopts::value<int64_t>()->default_value("1"))(
+      "prompt-length", "prefill tokens per row", cxxopts::value<int64_t>()->default_value("256"))(
+      "decode-batches", "decode batch sizes (comma-separated)",
+      cxxopts::value<std::vector<int64_t>>()->default_value("1"))(
+      "decode-steps", "tokens per decode run", cxxopts::value<int64_t>()->default_value("32"))(
+      "graphs", "also decode through a CUDA graph (CudaGraphDecoder; --device cuda only)");
   cxxopts::ParseResult args;
   torch::Device device(torch::kCPU);
   std::vector<torch::ScalarType> dtypes;
@@ -125,8 +253,17 @@ int main(int argc, char** argv) {
     if (device.is_cuda() && !torch::cuda::is_available())
       throw cxxopts::exceptions::exception("--device cuda: no CUDA GPU is available");
     for (auto& s : args["dtype"].as<std::vector<std::string>>()) dtypes.push_back(parse_dtype(s));
-    for (const char* k : {"batch", "dim", "length", "dstate", "width", "decode-batch"})
-      if (args[k].as<int64_t>() < 1) throw cxxopts::exceptions::exception(std::string("--") + k + " must be at least 1");
+    for (const char* k : {"batch", "dim", "length", "dstate", "width", "decode-batch", "d-model", "layers", "vocab",
+                          "prefill-batch", "prompt-length", "decode-steps"})
+      if (args[k].as<int64_t>() < 1)
+        throw cxxopts::exceptions::exception(std::string("--") + k + " must be at least 1, got " +
+                                             std::to_string(args[k].as<int64_t>()));
+    for (int64_t b : args["decode-batches"].as<std::vector<int64_t>>())
+      if (b < 1) throw cxxopts::exceptions::exception("--decode-batches must all be at least 1, got " + std::to_string(b));
+    if (args.count("graphs") && !device.is_cuda())
+      throw cxxopts::exceptions::exception("--graphs needs --device cuda (CUDA graphs), got --device " + device.str());
+    if (args.count("repeats") && args["repeats"].as<int>() < 1)
+      throw cxxopts::exceptions::exception("--repeats must be at least 1, got " + std::to_string(args["repeats"].as<int>()));
   } catch (const std::exception& e) {
     std::cerr << "statemamba-bench: " << e.what() << "\n" << cli.help() << std::endl;
     return 2;
@@ -134,15 +271,14 @@ int main(int argc, char** argv) {
   const int64_t B = args["batch"].as<int64_t>(), D = args["dim"].as<int64_t>(), L = args["length"].as<int64_t>();
   const int64_t N = args["dstate"].as<int64_t>(), W = args["width"].as<int64_t>();
   const int64_t Bd = args["decode-batch"].as<int64_t>();
-  const int repeats = args["repeats"].as<int>();
+  const bool model_mode = args.count("model") > 0;
+  const int repeats = args.count("repeats") ? args["repeats"].as<int>() : model_mode ? 3 : 10;
   torch::NoGradGuard no_grad;
   torch::manual_seed(0);
 
   json out;
   out["device"] = device.is_cuda() ? "cuda" : "cpu";
   out["threads"] = at::get_num_threads();
-  out["timing"] = device.is_cuda() ? "CUDA graph of 10 calls, replayed; CUDA events; median and best per call"
-                                   : "host clock per call";
   double copy_gbps = 0;
   if (device.is_cuda()) {
     // The memory floor: a large device-to-device copy (read + write), in the same run.
@@ -151,6 +287,23 @@ int main(int argc, char** argv) {
     copy_gbps = 2.0 * src.numel() * 4 / (t.best_ms * 1e6);
     out["copy_GBps"] = copy_gbps;
   }
+  if (model_mode) {
+    const ModelBench m{args["d-model"].as<int64_t>(),       args["layers"].as<int64_t>(),
+                       args["vocab"].as<int64_t>(),         args["prefill-batch"].as<int64_t>(),
+                       args["prompt-length"].as<int64_t>(), args["decode-batches"].as<std::vector<int64_t>>(),
+                       args["decode-steps"].as<int64_t>(),  repeats,
+                       args.count("graphs") > 0};
+    out["model"] = {{"d_model", m.d_model}, {"n_layer", m.n_layer}, {"vocab_size", m.vocab}, {"weights", "random"}};
+    out["timing"] = "host clock around a whole prefill or decode run (synchronized), median and best of the repeats";
+    json cases = json::array();
+    for (auto dt : dtypes)
+      for (auto& c : model_cases(device, dt, m, copy_gbps)) cases.push_back(c);
+    out["cases"] = cases;
+    std::cout << out.dump(2) << std::endl;
+    return 0;
+  }
+  out["timing"] = device.is_cuda() ? "CUDA graph of 10 calls, replayed; CUDA events; median and best per call"
+                                   : "host clock per call";
   json cases = json::array();
   auto record = [&](const std::string& op, torch::ScalarType dt, json shape, double bytes, Timing t) {
     json c = {{"op", op}, {"dtype", std::string(c10::toString(dt))}, {"shape", shape},
