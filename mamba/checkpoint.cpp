@@ -604,6 +604,9 @@ std::map<std::string, at::Tensor> read_pretrained_tensors(const std::string& dir
   }
   if (is_file(join(dir, kSafetensorsIndexFile))) return read_safetensors_index(dir);
   if (is_file(join(dir, kTorchBinFile))) return read_torch_bin(join(dir, kTorchBinFile));
+  TORCH_CHECK(!is_file(join(dir, "pytorch_model.bin.index.json")), "load_pretrained: '", dir,
+              "' holds a sharded pytorch_model-*.bin checkpoint, which is not supported; convert it to safetensors "
+              "(transformers: model.save_pretrained(out, safe_serialization=True))");
   TORCH_CHECK(false, "load_pretrained: '", dir, "' holds no weights: expected ", kSafetensorsFile, ", ",
               kSafetensorsIndexFile, " (sharded) or ", kTorchBinFile);
 }

@@ -342,6 +342,8 @@ TEST(Checkpoint, DirectoryErrors) {
   copy_file(data_dir("tiny-mamba-hf") + "/config.json", dir.file("config.json"));
   expect_error([&] { load_pretrained(dir.path()); },
                {"holds no weights", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"});
+  write_file(dir.file("pytorch_model.bin.index.json"), "{}");
+  expect_error([&] { load_pretrained(dir.path()); }, {"sharded pytorch_model", "not supported"});
   write_file(dir.file("pytorch_model.bin"), "not a zip archive at all");
   expect_error([&] { load_pretrained(dir.path()); }, {"pytorch_model.bin", "not a readable torch.save archive"});
   write_file(dir.file("model.safetensors"), std::string(4, '\0'));
@@ -451,13 +453,16 @@ TEST(TorchBin, ReadsAStateDictWithSharedStoragesAndViews) {
   p.global("collections", "OrderedDict").op(")R(");
   p.str("backbone.embedding.weight").tensor("0", 6, 0, 4, 1);  // renamed to backbone.embeddings.weight
   p.str("view").tensor("0", 6, 2, 2, 2);                       // elements 2 and 4 of the same storage
+  p.op(std::string("r\xe8\x03\x00\x00", 5));                   // LONG_BINPUT 1000, as large state dicts use
+  p.str("again").op(std::string("j\xe8\x03\x00\x00", 5));      // LONG_BINGET 1000: the view once more
   p.op("u");
   p.op("}(").str("version").small_int(1).op("u").op("b");     // BUILD with _metadata-like state
   p.op(".");
   const auto t = load_bin(dir, p.bytes, {{"0", {0, 1, 2, 3, 4, 5}}});
-  ASSERT_EQ(t.size(), 2u);
+  ASSERT_EQ(t.size(), 3u);
   EXPECT_TRUE(at::equal(t.at("backbone.embeddings.weight"), at::tensor({0.f, 1.f, 2.f, 3.f})));
   EXPECT_TRUE(at::equal(t.at("view"), at::tensor({2.f, 4.f})));
+  EXPECT_TRUE(at::equal(t.at("again"), at::tensor({2.f, 4.f})));
 }
 
 TEST(TorchBin, RefusesHostilePickles) {
