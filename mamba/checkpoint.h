@@ -4,7 +4,11 @@
 //   HF transformers   config.json (MambaConfig: hidden_size, num_hidden_layers, state_size, ...) and
 //                     model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json
 //   mamba_ssm         config.json (d_model, n_layer, vocab_size, ssm_cfg, ...) and pytorch_model.bin
-//                     (a torch.save zip archive of the state dict)
+//                     (a torch.save zip archive of the state dict, torch >= 1.6; read by a small pickle
+//                     reader of our own that builds tensors and dicts only and runs no code)
+// The layout of config.json is recognised by its keys ("d_model": mamba_ssm's), the weights by the
+// files present, in transformers' order: model.safetensors, model.safetensors.index.json,
+// pytorch_model.bin. Either spelling of the embedding (backbone.embedding[s].weight) is accepted.
 //
 //   auto model = statemamba::load_pretrained("state-spaces/mamba-130m-hf", {at::kCPU, at::kFloat});
 //   statemamba::save_pretrained(model, "out");  // transformers' MambaForCausalLM.from_pretrained reads it
