@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "ops/args.h"
+#include "ops/mamba_mixer_step.h"
 #include "ops/ops.h"
 
 namespace statemamba {
@@ -126,14 +127,11 @@ at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, cons
               ", got ", x.sizes());
   state.validate_for(spec, x.size(0), x.device(), state_dtype());
   torch::NoGradGuard no_grad;  // the decode ops have no backward
-  const int64_t d_inner = options.d_inner();
-  const auto xz = in_proj->forward(x);
-  const auto xc = ops::causal_conv1d_update(xz.narrow(1, 0, d_inner), state.conv_state, conv1d->weight.squeeze(1),
-                                            conv_bias(), /*silu=*/true, reset);
-  const auto [dt, B, C] = dt_B_C(xc);
-  const auto [A, D_, dt_bias] = ssm_params();
-  const auto y = ops::selective_state_update(state.ssm_state, xc, dt, A, B, C, D_, xz.narrow(1, d_inner, d_inner),
-                                             dt_bias, /*dt_softplus=*/true, reset);
+  // conv update + SiLU, x_proj, dt_proj, state update and gate in one op: fused kernels on CUDA,
+  // the separate decode ops (as forward's arithmetic) on the CPU.
+  const auto y = ops::mamba_mixer_step(in_proj->forward(x), state.conv_state, state.ssm_state,
+                                       conv1d->weight.squeeze(1), conv_bias(), x_proj->weight, dt_proj->weight,
+                                       dt_proj->bias, A_log, D, reset);
   return out_proj->forward(y);
 }
 
