@@ -229,6 +229,7 @@ int main(int argc, char** argv) {
       "w,width", "conv width", cxxopts::value<int64_t>()->default_value("4"))(
       "decode-batch", "batch for the decode ops", cxxopts::value<int64_t>()->default_value("64"))(
       "r,repeats", "timed runs per case (default 10; 3 with --model)", cxxopts::value<int>())(
+      "threads", "CPU threads for torch's intra-op pool (default: torch's choice)", cxxopts::value<int>())(
       "h,help", "show this help");
   cli.add_options("model")("model", "time MambaLMHeadModel prefill and decode instead of the ops")(
       "d-model", "d_model", cxxopts::value<int64_t>()->default_value("768"))(
@@ -262,6 +263,12 @@ int main(int argc, char** argv) {
       if (b < 1) throw cxxopts::exceptions::exception("--decode-batches must all be at least 1, got " + std::to_string(b));
     if (args.count("graphs") && !device.is_cuda())
       throw cxxopts::exceptions::exception("--graphs needs --device cuda (CUDA graphs), got --device " + device.str());
+    if (args.count("threads")) {
+      if (args["threads"].as<int>() < 1)
+        throw cxxopts::exceptions::exception("--threads must be at least 1, got " +
+                                             std::to_string(args["threads"].as<int>()));
+      at::set_num_threads(args["threads"].as<int>());
+    }
     if (args.count("repeats") && args["repeats"].as<int>() < 1)
       throw cxxopts::exceptions::exception("--repeats must be at least 1, got " + std::to_string(args["repeats"].as<int>()));
   } catch (const std::exception& e) {
