@@ -72,6 +72,8 @@ void GenerationOptions::validate() const {
   TORCH_CHECK(prefill_chunk() >= 0, "GenerationOptions: prefill_chunk must be >= 0 (0: one pass), got ",
               prefill_chunk());
   TORCH_CHECK(!eos_id() || *eos_id() >= 0, "GenerationOptions: eos_id must be >= 0, got ", eos_id().value_or(0));
+  TORCH_CHECK(!vocab_limit() || *vocab_limit() >= 1, "GenerationOptions: vocab_limit must be >= 1, got ",
+              vocab_limit().value_or(0));
   sampling().validate();
 }
 
@@ -163,6 +165,9 @@ Generation::Generation(MambaLMHeadModel model, std::vector<std::vector<int64_t>>
   for (size_t b = 0; b < prompts_.size(); ++b) check_ids(prompts_[b], vocab, c10::str("Generation: prompt ", b));
   TORCH_CHECK(!options_.eos_id() || *options_.eos_id() < vocab, "Generation: eos_id ", options_.eos_id().value_or(0),
               " is outside the model's vocabulary [0, ", vocab, ")");
+  TORCH_CHECK(!options_.vocab_limit() || !options_.eos_id() || *options_.eos_id() < *options_.vocab_limit(),
+              "Generation: eos_id ", options_.eos_id().value_or(0), " is not below vocab_limit ",
+              options_.vocab_limit().value_or(0), ", so it could never be sampled");
   generated_.assign(prompts_.size(), {});
   finished_.assign(prompts_.size(), false);
 }
@@ -214,7 +219,9 @@ std::vector<std::optional<int64_t>> Generation::step() {
       history.push_back(prompts_[b]);
       history.back().insert(history.back().end(), generated_[b].begin(), generated_[b].end());
     }
-  const std::vector<int64_t> ids = sampler_.sample(logits_, history);
+  const int64_t vocab = model_->options.vocab_size();
+  const int64_t limit = std::min(options_.vocab_limit().value_or(vocab), vocab);
+  const std::vector<int64_t> ids = sampler_.sample(logits_.narrow(-1, 0, limit), history);
   logits_ = at::Tensor();
   std::vector<std::optional<int64_t>> out(ids.size());
   for (size_t b = 0; b < ids.size(); ++b) {
@@ -267,6 +274,7 @@ void Generation::save_checkpoint(const std::string& path) const {
       {"device_type", c10::DeviceTypeName(model_device(model).type(), /*lower_case=*/true)},
       {"max_new_tokens", options_.max_new_tokens()},
       {"eos_id", options_.eos_id() ? json(*options_.eos_id()) : json(nullptr)},
+      {"vocab_limit", options_.vocab_limit() ? json(*options_.vocab_limit()) : json(nullptr)},
       {"sampling", json::parse(options_.sampling().to_json())},
       {"context", context_},
       {"prompts", prompts_},
@@ -303,6 +311,8 @@ Generation Generation::resume(MambaLMHeadModel model, const std::string& path,
     check_same(path, "max_new_tokens", meta.at("max_new_tokens").get<int64_t>(), g.options_.max_new_tokens());
     check_same(path, "eos_id", meta.at("eos_id"),
                g.options_.eos_id() ? json(*g.options_.eos_id()) : json(nullptr));
+    check_same(path, "vocab_limit", meta.at("vocab_limit"),
+               g.options_.vocab_limit() ? json(*g.options_.vocab_limit()) : json(nullptr));
     const SamplingOptions saved = SamplingOptions::from_json(meta.at("sampling").dump());
     const SamplingOptions& now = g.options_.sampling();
     check_same(path, "temperature", saved.temperature(), now.temperature());

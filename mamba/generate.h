@@ -33,6 +33,8 @@ struct GenerationOptions {
   TORCH_ARG(int64_t, max_new_tokens) = 20;
   TORCH_ARG(int64_t, prefill_chunk) = 512;                   // tokens per forward; 0: all at once
   TORCH_ARG(std::optional<int64_t>, eos_id) = std::nullopt;  // a row stops once it emits this id
+  // Only ids below this are sampled: the tokenizer's vocabulary, when the model has more rows.
+  TORCH_ARG(std::optional<int64_t>, vocab_limit) = std::nullopt;
   TORCH_ARG(SamplingOptions, sampling) = {};
 
  public:

@@ -1,13 +1,18 @@
 // Generation with explicit state: the sampler against naive references, prefill in chunks, states
 // as cartridges, checkpoint/resume, batched prompts, scoring, the state library, and the
 // statemamba-generate / statemamba-state programs end to end.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <set>
@@ -16,7 +21,10 @@
 #include "mamba/safetensors.h"
 #include "mamba/sampler.h"
 #include "mamba/state_library.h"
+#include "mamba/checkpoint.h"
+#include "mamba/tokenizer.h"
 #include "support/expect_error.h"
+#include "support/program.h"
 #include "support/tmpdir.h"
 
 namespace statemamba {
@@ -294,6 +302,13 @@ TEST(Generation, StopsAtEosAndNeverEmitsPaddingIds) {
   Generation hot(untied, {prompt}, GenerationOptions().max_new_tokens(200).sampling(SamplingOptions().temperature(3)));
   hot.run();
   for (int64_t id : hot.generated()[0]) ASSERT_LT(id, 61);
+  // vocab_limit (a tokenizer smaller than the model) keeps the ids below it.
+  Generation limited(untied, {prompt},
+                     GenerationOptions().max_new_tokens(200).vocab_limit(50).sampling(SamplingOptions().temperature(3)));
+  limited.run();
+  for (int64_t id : limited.generated()[0]) ASSERT_LT(id, 50);
+  expect_error([&] { Generation(untied, {prompt}, GenerationOptions().vocab_limit(50).eos_id(55)); },
+               {"eos_id 55", "vocab_limit 50"});
 }
 
 TEST(Generation, BatchedPromptsOfDifferentLengthsEqualEachAlone) {
@@ -551,6 +566,306 @@ TEST(WeightsDigest, TellsCheckpointsApart) {
     b->backbone->norm_f->weight[0].add_(1);  // one value of a small tensor: always in the sample
   }
   EXPECT_NE(weights_digest(a), weights_digest(b));
+}
+
+// ---- the programs, end to end ------------------------------------------------------------------
+
+// STATEMAMBA_TEST_DATA (set by CTest), else the source tree beside this file (__FILE__ is relative
+// to the build folder when Ninja compiles it).
+std::string data_dir(const std::string& name) {
+  const char* env = std::getenv("STATEMAMBA_TEST_DATA");
+  if (env && *env) return std::string(env) + "/" + name;
+  std::string source = __FILE__;
+  if (source[0] != '/') {
+    const std::string build = test::program_path("");
+    source = build.substr(0, build.rfind('/')) + "/" + source;
+  }
+  return source.substr(0, source.rfind('/')) + "/data/" + name;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in) << "cannot open " << path;
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void write_text(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
+std::string join_ids(const std::vector<int64_t>& ids) {
+  std::string out;
+  for (int64_t id : ids) out += (out.empty() ? "" : ",") + std::to_string(id);
+  return out;
+}
+
+bool file_exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+
+class Programs : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const auto& p : {generate_, state_})
+      if (::access(p.c_str(), X_OK) != 0) GTEST_FAIL() << "no program " << p << " (build all targets first)";
+  }
+  test::ProgramResult generate(const std::vector<std::string>& args) {
+    return test::run_program(generate_, args, dir_.file("stderr"));
+  }
+  test::ProgramResult state(const std::vector<std::string>& args) {
+    return test::run_program(state_, args, dir_.file("stderr"));
+  }
+
+  const std::string generate_ = test::program_path("generate"), state_ = test::program_path("state");
+  const std::string tiny_ = data_dir("tiny-mamba-hf");
+  TempDir dir_;
+};
+
+// tests/data/tiny-mamba-hf's reference.json: HF transformers' greedy continuations of two prompts.
+nlohmann::json tiny_reference() { return nlohmann::json::parse(read_text(data_dir("tiny-mamba-hf/reference.json"))); }
+
+TEST_F(Programs, GreedyIdsMatchTransformers) {
+  const auto ref = tiny_reference();
+  const auto prompts = ref.at("input_ids").get<std::vector<std::vector<int64_t>>>();
+  const auto greedy = ref.at("greedy_ids").get<std::vector<std::vector<int64_t>>>();
+  const std::string n = std::to_string(ref.at("new_tokens").get<int>());
+
+  auto r = generate({"-m", tiny_, "--ids", join_ids(prompts[0]) + ";" + join_ids(prompts[1]), "-n", n});
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, join_ids(greedy[0]) + "\n" + join_ids(greedy[1]) + "\n");
+  EXPECT_NE(r.err.find("prefill: 18 tokens"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("decode: 8 steps x 2 rows"), std::string::npos) << r.err;
+  for (const char* chunk : {"1", "4", "0"}) {
+    r = generate({"-m", tiny_, "--ids", join_ids(prompts[1]), "-n", n, "--prefill-chunk", chunk, "--dtype", "float64"});
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out, join_ids(greedy[1]) + "\n") << "chunk " << chunk;
+  }
+}
+
+TEST_F(Programs, ScoreWritesTheLogitsOfTransformers) {
+  const auto ref = tiny_reference();
+  const auto prompt = ref.at("input_ids")[0].get<std::vector<int64_t>>();
+  const std::string out = dir_.file("logits.safetensors");
+  auto r = generate({"-m", tiny_, "--ids", join_ids(prompt), "--score", "--logits-out", out, "--prefill-chunk", "4"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const at::Tensor logits = safetensors::load(out).at("logits");
+  const at::Tensor expected = safetensors::load(data_dir("tiny-mamba-hf/reference.safetensors")).at("logits")[0];
+  EXPECT_EQ(logits.scalar_type(), at::kFloat);
+  ASSERT_EQ(logits.sizes(), expected.sizes());
+  EXPECT_LE(max_diff(logits, expected), 1e-4);
+  // The printed perplexity is exp(mean -log p(next)) under those logits.
+  const at::Tensor logp = expected.to(at::kDouble).log_softmax(-1);
+  double nll = 0;
+  for (size_t t = 0; t + 1 < prompt.size(); ++t) nll -= logp[t][prompt[t + 1]].item<double>();
+  const double ppl = std::exp(nll / (prompt.size() - 1));
+  ASSERT_EQ(r.out.rfind("perplexity: ", 0), 0u) << r.out;
+  EXPECT_NEAR(std::stod(r.out.substr(12)), ppl, 1e-4 * ppl) << r.out;
+}
+
+// A random model with the tiny tokenizer's vocabulary (801, padded to 808), saved in the HF layout
+// beside a copy of that tokenizer.json.
+std::string make_text_model(const std::string& dir) {
+  auto model = small_model(3, MambaConfig(32, 2, 801).d_state(8));
+  save_pretrained(model, dir);
+  write_text(dir + "/tokenizer.json", read_text(data_dir("tiny-tokenizer/tokenizer.json")));
+  return dir;
+}
+
+TEST_F(Programs, TextStatesAsCartridgesAndTheLibrary) {
+  const std::string model_dir = make_text_model(dir_.file("model"));
+  auto model = load_pretrained(model_dir);
+  const Tokenizer tok = Tokenizer::from_file(model_dir + "/tokenizer.json");
+  const auto options = GenerationOptions().max_new_tokens(12).eos_id(tok.eos_id()).vocab_limit(801);
+
+  // Plain text in, the prompt and its continuation out.
+  const std::string prompt = "Hello world, Zürich";
+  Generation expected(model, {tok.encode(prompt)}, options);
+  expected.run();
+  auto r = generate({"-m", model_dir, "-i", prompt, "-n", "12"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, prompt + tok.decode(expected.generated()[0]) + "\n");
+
+  // A document read once into a state file, then questions continue from it.
+  const std::string document = "statemamba keeps the state of a model in plain sight.\nHello world!\n";
+  const std::string question = " What does it keep?";
+  write_text(dir_.file("doc.txt"), document);
+  r = generate({"-m", model_dir, "--build-state", dir_.file("doc.txt"), "--save-state", dir_.file("doc.h5")});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "") << "building a state generates nothing";
+  auto doc_state = zero_state(model);
+  prefill(model, as_batch(tok.encode(document)), doc_state, 512);
+  expect_states_close(MambaStackState::load(dir_.file("doc.h5"), model->options), doc_state, 1e-6, "built state");
+  Generation answer(model, {tok.encode(question)}, options, &doc_state);
+  answer.run();
+  const std::string expected_answer = question + tok.decode(answer.generated()[0]) + "\n";
+  r = generate({"-m", model_dir, "--load-state", dir_.file("doc.h5"), "-i", question, "-n", "12"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, expected_answer);
+
+  // The same through the library, by name.
+  const std::string lib = dir_.file("states");
+  r = generate({"-m", model_dir, "--build-state", dir_.file("doc.txt"), "--state-name", "doc", "--state-dir", lib});
+  ASSERT_EQ(r.status, 0) << r.err;
+  r = generate({"-m", model_dir, "--load-state", "doc", "--state-dir", lib, "-i", question, "-n", "12"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, expected_answer);
+  r = state({"--dir", lib, "list"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("doc"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(std::to_string(tok.encode(document).size())), std::string::npos) << r.out;
+  r = state({"--dir", lib, "show", "doc"});
+  const auto meta = nlohmann::json::parse(r.out);
+  EXPECT_EQ(meta.at("source").get<std::string>(), dir_.file("doc.txt"));
+  EXPECT_EQ(meta.at("model").get<std::string>(), model_dir);
+  EXPECT_EQ(meta.at("weights").get<std::string>(), weights_digest(model));
+  EXPECT_EQ(meta.at("fingerprint").get<std::string>(), model->options.fingerprint());
+  EXPECT_EQ(meta.at("tokens").get<int64_t>(), static_cast<int64_t>(tok.encode(document).size()));
+  r = state({"--dir", lib, "add", "copy", dir_.file("doc.h5"), "--source", "by hand"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  r = state({"--dir", lib, "path", "copy"});
+  EXPECT_EQ(r.out, lib + "/copy.h5\n");
+  r = state({"--dir", lib, "add", "copy", dir_.file("doc.h5")});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("already exists"), std::string::npos) << r.err;
+  r = state({"--dir", lib, "rm", "doc"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  r = state({"--dir", lib, "list"});
+  EXPECT_EQ(r.out.find("doc "), std::string::npos) << r.out;
+  r = state({"--dir", lib, "rm", "doc"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("no state named 'doc'"), std::string::npos) << r.err;
+  r = generate({"-m", model_dir, "--load-state", "doc", "--state-dir", lib, "-i", question});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("no state named 'doc'"), std::string::npos) << r.err;
+  r = state({"--dir", lib, "frobnicate"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("unknown command 'frobnicate'"), std::string::npos) << r.err;
+  r = state({"--dir", lib, "add", "x/y", dir_.file("doc.h5")});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("state name"), std::string::npos) << r.err;
+  // A state of another architecture is refused by the model.
+  r = generate({"-m", tiny_, "--load-state", dir_.file("doc.h5"), "--ids", "1,2"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("does not fit this model"), std::string::npos) << r.err;
+}
+
+// Starts the program, reads its stdout until it has printed `commas` commas, then SIGKILLs it.
+void run_and_kill(const std::string& program, const std::vector<std::string>& args, int commas) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::dup2(fds[1], 1);
+    const int devnull = ::open("/dev/null", O_WRONLY);
+    ::dup2(devnull, 2);
+    ::close(fds[0]);
+    std::vector<char*> argv{const_cast<char*>(program.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(program.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  int seen = 0;
+  char c;
+  while (seen < commas && ::read(fds[0], &c, 1) == 1) seen += c == ',';
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ::close(fds[0]);
+  EXPECT_TRUE(WIFSIGNALED(status)) << "the program ended before it was killed";
+}
+
+TEST_F(Programs, ResumeAfterAKillGivesTheUninterruptedOutput) {
+  const std::string ckpt = dir_.file("run.ckpt");
+  const std::vector<std::string> args = {"-m", tiny_, "--ids", "3,17,42", "-n", "1500", "-t", "1.0", "--top-k",
+                                         "50", "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", "9"};
+  const auto full = generate(args);
+  ASSERT_EQ(full.status, 0) << full.err;
+  ASSERT_EQ(std::count(full.out.begin(), full.out.end(), ','), 1499);
+
+  auto with_checkpoints = args;
+  for (const char* a : {"--checkpoint", "--checkpoint-every", "7"}) with_checkpoints.push_back(a);
+  with_checkpoints.insert(with_checkpoints.end() - 2, ckpt);  // after --checkpoint
+  run_and_kill(generate_, with_checkpoints, 100);
+  ASSERT_TRUE(file_exists(ckpt)) << "no checkpoint after 100 tokens";
+
+  auto resuming = with_checkpoints;
+  resuming.push_back("--resume");
+  resuming.push_back(ckpt);
+  const auto resumed = generate(resuming);
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("resumed from"), std::string::npos) << resumed.err;
+  EXPECT_EQ(resumed.err.find("after 1500 tokens"), std::string::npos) << "the kill came after the end: " << resumed.err;
+  EXPECT_EQ(resumed.out, full.out);
+
+  // The checkpoint now holds the finished run: resuming it prints the same and generates nothing.
+  const auto again = generate(resuming);
+  EXPECT_EQ(again.out, full.out);
+  EXPECT_EQ(again.err.find("decode:"), std::string::npos) << again.err;
+
+  // Other settings are refused, naming what differs.
+  auto other_seed = resuming;
+  *std::find(other_seed.begin(), other_seed.end(), "9") = "10";
+  auto r = generate(other_seed);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("seed = 9, but this run has seed = 10"), std::string::npos) << r.err;
+  auto other_prompt = resuming;
+  *std::find(other_prompt.begin(), other_prompt.end(), "3,17,42") = "3,17,43";
+  r = generate(other_prompt);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("the prompts"), std::string::npos) << r.err;
+}
+
+TEST_F(Programs, BadFlagsAndFilesAreNamed) {
+  write_text(dir_.file("junk.h5"), "not hdf5");
+  struct Case {
+    std::vector<std::string> args;
+    int status;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {{"--ids", "1,2"}, 2, "-m/--model DIR is required"},
+      {{"-m", tiny_}, 2, "give exactly one of"},
+      {{"-m", tiny_, "--ids", "1,2", "-i", "x"}, 2, "got 2"},
+      {{"-m", tiny_, "--ids", "1,x"}, 2, "--ids: expected non-negative integers"},
+      {{"-m", tiny_, "--ids", "1,,2"}, 2, "--ids"},
+      {{"-m", tiny_, "--ids", "1;"}, 2, "ends in ';'"},
+      {{"-m", tiny_, "--ids", "1,-3"}, 2, "'-3'"},
+      {{"-m", tiny_, "--ids", "1,104"}, 1, "token id 104 at position 1 is outside the model's vocabulary [0, 104)"},
+      {{"-m", tiny_, "-i", "hello"}, 2, "needs a tokenizer"},
+      {{"-m", tiny_, "--ids", "1", "--top-p", "2"}, 1, "top_p must be in (0, 1]"},
+      {{"-m", tiny_, "--ids", "1", "-t", "-1"}, 1, "temperature"},
+      {{"-m", tiny_, "--ids", "1", "-n", "x"}, 2, "the value of -n"},
+      {{"-m", tiny_, "--ids", "1", "--top-k", "1.5"}, 2, "the value of --top-k"},
+      {{"-m", tiny_, "--ids", "1", "--dtype", "int8"}, 2, "--dtype: expected float32"},
+      {{"-m", tiny_, "--ids", "1", "--device", "tpu"}, 2, "--device"},
+      {{"-m", tiny_, "--ids", "1", "--frobnicate"}, 2, "frobnicate"},
+      {{"-m", dir_.file("nowhere"), "--ids", "1"}, 1, "nowhere"},
+      {{"-m", tiny_, "--ids", "1", "--logits-out", "x.safetensors"}, 2, "--logits-out needs --score"},
+      {{"-m", tiny_, "--ids", "1", "--score"}, 1, "at least 2"},
+      {{"-m", tiny_, "--ids", "1;2", "--score"}, 2, "--score takes one prompt"},
+      {{"-m", tiny_, "--ids", "1", "--save-state", "s.txt"}, 2, "must end in .h5, .hdf5 or .pt"},
+      {{"-m", tiny_, "--build-state", dir_.file("none.txt"), "--save-state", "s.h5"}, 2, "none.txt"},
+      {{"-m", tiny_, "--build-state", dir_.file("none.txt")}, 2, "needs --save-state"},
+      {{"-m", tiny_, "--ids", "1", "--load-state", dir_.file("junk.h5")}, 1, "junk.h5"},
+      {{"-m", tiny_, "--ids", "1", "--resume", dir_.file("none.ckpt")}, 2, "--resume: no such file"},
+      {{"-m", tiny_, "--ids", "1", "--resume", dir_.file("junk.h5")}, 1, "junk.h5"},
+      {{"-m", tiny_, "--ids", "1", "--checkpoint", "c", "--checkpoint-every", "0"}, 2, "--checkpoint-every"},
+      {{"-m", tiny_, "--ids", "1", "--state-name", "a b"}, 1, "state name"},
+  };
+  for (const auto& c : cases) {
+    const auto r = generate(c.args);
+    std::string line;
+    for (const auto& a : c.args) line += a + " ";
+    EXPECT_EQ(r.status, c.status) << line << "\n" << r.err;
+    EXPECT_NE(r.err.find(c.says), std::string::npos) << line << "\nlacks '" << c.says << "':\n" << r.err;
+    EXPECT_EQ(r.out, "") << line;
+  }
+  const auto help = generate({"--help"});
+  EXPECT_EQ(help.status, 0);
+  for (const char* flag : {"--ids", "--top-p", "--repetition-penalty", "--score", "--build-state", "--resume"})
+    EXPECT_NE(help.out.find(flag), std::string::npos) << flag;
+  EXPECT_EQ(state({"--help"}).status, 0);
 }
 
 }  // namespace

@@ -49,6 +49,8 @@ std::string read_file(const std::string& path, const char* flag) {
 
 // "12,7,391" -> {12, 7, 391}; "1,2;3" -> two prompts.
 std::vector<std::vector<int64_t>> parse_ids(const std::string& text) {
+  if (!text.empty() && (text.back() == ';' || text.back() == ','))
+    throw UsageError("--ids: '" + text + "' ends in '" + text.back() + "'; expected an id there");
   std::vector<std::vector<int64_t>> prompts;
   std::stringstream rows(text);
   for (std::string row; std::getline(rows, row, ';');) {
@@ -104,8 +106,8 @@ bool names_a_file(const std::string& arg) {
   return arg.find('/') != std::string::npos || ends(".h5") || ends(".hdf5") || ends(".pt");
 }
 
-// Prints decoded text as tokens come, holding back a trailing U+FFFD (a character whose bytes are
-// split across tokens) until the next token completes it.
+// Prints decoded text as tokens come, holding back trailing U+FFFDs (a character whose bytes are
+// split across tokens) until a later token completes it; finish() prints the rest as it is.
 class TextStream {
  public:
   explicit TextStream(const Tokenizer& tokenizer) : tokenizer_(tokenizer) {}
@@ -120,7 +122,7 @@ class TextStream {
     const std::string text = tokenizer_.decode(ids_);
     size_t end = text.size();
     static const std::string kReplacement = "\xEF\xBF\xBD";
-    if (!all && end >= 3 && text.compare(end - 3, 3, kReplacement) == 0) end -= 3;
+    while (!all && end >= printed_ + 3 && text.compare(end - 3, 3, kReplacement) == 0) end -= 3;
     if (end > printed_) std::cout << text.substr(printed_, end - printed_) << std::flush;
     printed_ = std::max(printed_, end);
   }
@@ -128,6 +130,14 @@ class TextStream {
   std::vector<int64_t> ids_;
   size_t printed_ = 0;
 };
+
+// cxxopts says "Argument ‘x’ failed to parse" without the option: find it in argv.
+std::string option_of_bad_value(int argc, char** argv, const std::string& message) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (argv[i][0] == '-' && message.find("\u2018" + std::string(argv[i + 1]) + "\u2019") != std::string::npos)
+      return std::string(" (the value of ") + argv[i] + ")";
+  return "";
+}
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
@@ -216,6 +226,18 @@ int main(int argc, char** argv) {
     if (args.count("resume") && !is_file(args["resume"].as<std::string>()))
       throw UsageError("--resume: no such file '" + args["resume"].as<std::string>() + "'");
 
+    // Input files are read before the model loads, so a wrong name fails fast.
+    std::vector<std::string> texts;
+    if (args.count("prompt")) texts = {args["prompt"].as<std::string>()};
+    if (args.count("file")) texts = {read_file(args["file"].as<std::string>(), "-f/--file")};
+    if (building) texts = {read_file(args["build-state"].as<std::string>(), "--build-state")};
+    if (args.count("batch-file")) {
+      std::stringstream lines(read_file(args["batch-file"].as<std::string>(), "--batch-file"));
+      for (std::string line; std::getline(lines, line);)
+        if (!line.empty()) texts.push_back(line);
+      if (texts.empty()) throw UsageError("--batch-file: no prompts (no non-empty lines)");
+    }
+
     GenerationOptions options;
     options.max_new_tokens(building ? 0 : args["n-predict"].as<int64_t>())
         .prefill_chunk(args["prefill-chunk"].as<int64_t>())
@@ -246,26 +268,18 @@ int main(int argc, char** argv) {
     if (text_mode && !tokenizer)
       throw UsageError("text input needs a tokenizer, and '" + tokenizer_path +
                        "' does not exist (give --tokenizer FILE, or token ids with --ids)");
+    if (tokenizer && tokenizer->vocab_size() < model->options.vocab_size())
+      options.vocab_limit(tokenizer->vocab_size());  // the padding rows have no text
     if (!args.count("ignore-eos")) {
       if (args.count("eos")) options.eos_id(args["eos"].as<int64_t>());
       else if (tokenizer) options.eos_id(tokenizer->eos_id());
     }
 
     // ---- the prompts ----
-    std::vector<std::string> texts;
     std::vector<std::vector<int64_t>> prompts;
     if (args.count("ids")) {
       prompts = parse_ids(args["ids"].as<std::string>());
     } else {
-      if (args.count("prompt")) texts = {args["prompt"].as<std::string>()};
-      if (args.count("file")) texts = {read_file(args["file"].as<std::string>(), "-f/--file")};
-      if (building) texts = {read_file(args["build-state"].as<std::string>(), "--build-state")};
-      if (args.count("batch-file")) {
-        std::stringstream lines(read_file(args["batch-file"].as<std::string>(), "--batch-file"));
-        for (std::string line; std::getline(lines, line);)
-          if (!line.empty()) texts.push_back(line);
-        if (texts.empty()) throw UsageError("--batch-file: no prompts (no non-empty lines)");
-      }
       for (const auto& text : texts) {
         prompts.push_back(tokenizer->encode(text));
         if (prompts.back().empty()) throw UsageError("the prompt encodes to no tokens; give some text");
@@ -398,7 +412,8 @@ int main(int argc, char** argv) {
     std::cerr << "statemamba-generate: " << e.what() << "\n(see --help)" << std::endl;
     return 2;
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "statemamba-generate: " << e.what() << "\n(see --help)" << std::endl;
+    std::cerr << "statemamba-generate: " << e.what() << option_of_bad_value(argc, argv, e.what())
+              << "\n(see --help)" << std::endl;
     return 2;
   } catch (const c10::Error& e) {
     std::cerr << "statemamba-generate: error: " << e.what_without_backtrace() << std::endl;
