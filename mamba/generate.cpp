@@ -264,12 +264,13 @@ void Generation::save_checkpoint(const std::string& path) const {
   }
   if (logits_.defined()) tensors["logits"] = logits_.detach().cpu();
   auto& model = const_cast<MambaLMHeadModel&>(model_);
+  if (weights_digest_.empty()) weights_digest_ = weights_digest(model);
   const json meta = {
       {"format", kCheckpointFormat},
       {"format_version", kCheckpointVersion},
       {"fingerprint", model_->options.fingerprint()},
       {"config", json::parse(model_->options.to_json())},
-      {"weights", weights_digest(model)},
+      {"weights", weights_digest_},
       {"dtype", c10::toString(model_dtype(model))},
       {"device_type", c10::DeviceTypeName(model_device(model).type(), /*lower_case=*/true)},
       {"max_new_tokens", options_.max_new_tokens()},

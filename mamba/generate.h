@@ -115,6 +115,7 @@ class Generation {
   int64_t steps_ = 0;
   MambaStackState state_;  // has consumed the prompts and every generated token but the pending ones
   at::Tensor logits_;      // [batch, vocab_size] for the next sample; undefined while tokens are pending
+  mutable std::string weights_digest_;  // computed at the first checkpoint
 };
 
 }  // namespace statemamba

@@ -683,6 +683,23 @@ TEST_F(Programs, TextStatesAsCartridgesAndTheLibrary) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(r.out, prompt + tok.decode(expected.generated()[0]) + "\n");
 
+  // A batch, one prompt per line, each row printed at the end; and a prompt from a file.
+  const std::vector<std::string> lines = {"Hello", "statemamba keeps state", "\u6771\u4eac"};
+  write_text(dir_.file("batch.txt"), lines[0] + "\n" + lines[1] + "\n\n" + lines[2] + "\n");
+  std::vector<std::vector<int64_t>> batch_ids;
+  for (const auto& l : lines) batch_ids.push_back(tok.encode(l));
+  Generation batch(model, batch_ids, GenerationOptions(options).max_new_tokens(6));
+  batch.run();
+  std::string expected_batch;
+  for (size_t b = 0; b < lines.size(); ++b)
+    expected_batch += "--- " + std::to_string(b) + " ---\n" + lines[b] + tok.decode(batch.generated()[b]) + "\n";
+  r = generate({"-m", model_dir, "--batch-file", dir_.file("batch.txt"), "-n", "6"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, expected_batch);
+  write_text(dir_.file("prompt.txt"), prompt);
+  r = generate({"-m", model_dir, "-f", dir_.file("prompt.txt"), "-n", "12"});
+  EXPECT_EQ(r.out, prompt + tok.decode(expected.generated()[0]) + "\n");
+
   // A document read once into a state file, then questions continue from it.
   const std::string document = "statemamba keeps the state of a model in plain sight.\nHello world!\n";
   const std::string question = " What does it keep?";
