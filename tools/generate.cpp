@@ -199,7 +199,7 @@ int main(int argc, char** argv) {
   try {
     auto args = cli.parse(argc, argv);
     if (args.count("help")) {
-      std::cout << cli.help() << std::endl;
+      std::cout << cli.help({"", "model", "input", "sampling", "scoring", "states", "checkpoints"}) << std::endl;
       return 0;
     }
     if (!args.unmatched().empty()) throw UsageError("unexpected argument '" + args.unmatched()[0] + "'");
