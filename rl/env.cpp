@@ -34,17 +34,20 @@ EnvStep EpisodicEnv::step(const at::Tensor& actions) {
   TORCH_CHECK(actions.dim() == 1 && actions.size(0) == num_envs_, name(), ": actions must be [", num_envs_,
               "], got ", actions.sizes());
   const at::Tensor a = actions.to(device_, at::kLong);
-  const at::Tensor graded = graded_;
+  const at::Tensor graded = graded_.clone();
   auto [reward, answered, correct] = grade(a);
-  answered = answered & graded;
+  answered = answered & graded_;
   correct = correct & answered;
-  phase_ = phase_ + 1;
-  const at::Tensor done = phase_ == length_;
-  phase_ = phase_.masked_fill(done, 0);
-  graded_ = graded_ | done;
+  // In place: the tensors stay where they are, so a CUDA graph that captured a step replays it on
+  // the current values (a step must not hand out or keep tensors that the next one overwrites).
+  const at::Tensor next_phase = phase_ + 1;
+  const at::Tensor done = next_phase == length_;
+  phase_.copy_(next_phase.masked_fill(done, 0));
+  graded_.copy_(graded_ | done);
   new_episodes(done);
-  obs_ = make_obs();
-  return {obs_, reward, done, answered, correct, graded};
+  const at::Tensor obs = make_obs();
+  obs_.copy_(obs);
+  return {obs, reward, done, answered, correct, graded};
 }
 
 void EpisodicEnv::save(torch::serialize::OutputArchive& archive) const {
@@ -61,7 +64,8 @@ void EpisodicEnv::load(torch::serialize::InputArchive& archive) {
     archive.read(key, t);
     TORCH_CHECK(!into.defined() || t.sizes() == into.sizes(), name(), ": checkpoint tensor '", key, "' has shape ",
                 t.sizes(), ", this environment needs ", into.sizes(), " (another num_envs or task?)");
-    into = t.to(device_);
+    if (into.defined()) into.copy_(t);  // in place, as step() keeps them
+    else into = t.to(device_);
   };
   read("phase", phase_);
   read("graded", graded_);
@@ -95,7 +99,8 @@ at::Tensor DelayedMemoryEnv::answer() const {
 
 void DelayedMemoryEnv::new_episodes(const at::Tensor& mask) {
   const auto fresh = at::randint(2, {num_envs_, num_bits_}, gen_, float_opts());
-  bits_ = mask.defined() ? at::where(mask.unsqueeze(1), fresh, bits_) : fresh;
+  if (mask.defined()) bits_.copy_(at::where(mask.unsqueeze(1), fresh, bits_));
+  else bits_ = fresh;
 }
 
 at::Tensor DelayedMemoryEnv::make_obs() {
@@ -136,7 +141,8 @@ at::Tensor RepeatPreviousEnv::card_at(const at::Tensor& phase) const {
 
 void RepeatPreviousEnv::new_episodes(const at::Tensor& mask) {
   const auto fresh = at::randint(cards_, {num_envs_, length_}, gen_, long_opts());
-  deck_ = mask.defined() ? at::where(mask.unsqueeze(1), fresh, deck_) : fresh;
+  if (mask.defined()) deck_.copy_(at::where(mask.unsqueeze(1), fresh, deck_));
+  else deck_ = fresh;
 }
 
 at::Tensor RepeatPreviousEnv::make_obs() { return at::one_hot(card_at(phase_), cards_).to(at::kFloat); }

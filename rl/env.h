@@ -47,6 +47,8 @@ class Env {
   virtual at::Tensor observe() const = 0;
   // Applies actions (int64 [N]) and moves every environment one step on.
   virtual EnvStep step(const at::Tensor& actions) = 0;
+  // The random generator the environment draws from (a CUDA graph capturing step() registers it).
+  virtual at::Generator generator() const = 0;
   // Everything that decides the future (random generator included), for checkpoints.
   virtual void save(torch::serialize::OutputArchive& archive) const = 0;
   virtual void load(torch::serialize::InputArchive& archive) = 0;
@@ -62,7 +64,10 @@ class EpisodicEnv : public Env {
   int64_t num_envs() const override { return num_envs_; }
   int64_t episode_length() const override { return length_; }
   at::Device device() const override { return device_; }
+  // The same tensor throughout the environment's life: step() updates it (and the rest of the
+  // environment's tensors) in place. EnvStep::obs is a fresh copy.
   at::Tensor observe() const override { return obs_; }
+  at::Generator generator() const override { return gen_; }
   EnvStep step(const at::Tensor& actions) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;

@@ -127,15 +127,19 @@ MambaConfig mamba_config(const PolicyOptions& o) {
 }  // namespace
 
 MambaPolicyImpl::MambaPolicyImpl(int64_t obs_dim, int64_t num_actions, const PolicyOptions& options)
-    : RecurrentPolicyImpl(obs_dim, num_actions, options.width), config(mamba_config(options)) {
+    : RecurrentPolicyImpl(obs_dim, num_actions, options.width), config(mamba_config(options)), spec(config.state_spec()) {
   config.validate();
+  TORCH_CHECK(options.bc_init_scale > 0, "mamba policy: bc_init_scale must be positive, got ", options.bc_init_scale);
   blocks = register_module("blocks", nn::ModuleList());
   for (int64_t i = 0; i < config.n_layer(); ++i) blocks->push_back(MambaBlock(config));
   norm_f = register_module("norm_f", Norm(config.d_model(), config.norm_eps(), config.rms_norm()));
   // As MambaModel: out_proj scaled so the residual stream's variance does not grow with depth.
   torch::NoGradGuard no_grad;
-  for (int64_t i = 0; i < config.n_layer(); ++i)
-    blocks->ptr<MambaBlockImpl>(i)->mixer->out_proj->weight.div_(std::sqrt(static_cast<double>(config.n_layer())));
+  for (int64_t i = 0; i < config.n_layer(); ++i) {
+    const auto& mixer = blocks->ptr<MambaBlockImpl>(i)->mixer;
+    mixer->out_proj->weight.div_(std::sqrt(static_cast<double>(config.n_layer())));
+    mixer->x_proj->weight.narrow(0, config.resolved_dt_rank(), 2 * config.d_state()).mul_(options.bc_init_scale);
+  }
 }
 
 RecurrentState MambaPolicyImpl::initial_state(int64_t num_envs) const {
@@ -150,7 +154,6 @@ RecurrentState MambaPolicyImpl::initial_state(int64_t num_envs) const {
 MambaStackState MambaPolicyImpl::stack_state(const RecurrentState& state) const {
   TORCH_CHECK(static_cast<int64_t>(state.tensors.size()) == 2 * config.n_layer(), "mamba policy: a state of ",
               state.tensors.size(), " tensors is not this policy's (", 2 * config.n_layer(), ")");
-  const StateSpec spec = config.state_spec();
   MambaStackState stack;
   for (int64_t i = 0; i < config.n_layer(); ++i) stack.layers.push_back({state.tensors[2 * i], state.tensors[2 * i + 1]});
   stack.fingerprint = spec.fingerprint;
@@ -160,8 +163,8 @@ MambaStackState MambaPolicyImpl::stack_state(const RecurrentState& state) const 
 
 std::string MambaPolicyImpl::describe() const {
   return "mamba(d_model=" + std::to_string(config.d_model()) + ", layers=" + std::to_string(config.n_layer()) +
-         ", d_state=" + std::to_string(config.d_state()) + ", dt=[" + c10::str(config.dt_min()) + ", " +
-         c10::str(config.dt_max()) + "])";
+         ", d_state=" + std::to_string(config.d_state()) + ", expand=" + std::to_string(config.expand()) + ", dt=[" +
+         c10::str(config.dt_min()) + ", " + c10::str(config.dt_max()) + "])";
 }
 
 std::pair<at::Tensor, RecurrentState> MambaPolicyImpl::core(const at::Tensor& x, const RecurrentState& state,

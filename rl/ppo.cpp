@@ -14,6 +14,11 @@
 
 namespace statemamba::rl {
 
+at::Tensor sample_actions(const at::Tensor& logits, const at::Generator& gen) {
+  const at::Tensor u = at::rand(logits.sizes(), gen, logits.options());
+  return (logits - at::log(-at::log(u))).argmax(-1);  // u = 0 gives -inf: never chosen
+}
+
 // ---- GAE -------------------------------------------------------------------------------------------
 
 std::pair<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& dones,
@@ -115,7 +120,8 @@ std::vector<std::pair<std::string, double>> UpdateStats::fields() const {
           {"grad_norm", grad_norm},
           {"first_ratio_dev", first_ratio_dev},
           {"seconds", seconds},
-          {"steps_per_second", steps_per_second}};
+          {"steps_per_second", steps_per_second},
+          {"rollout_seconds", rollout_seconds}};
 }
 
 UpdateStats UpdateStats::from_fields(const std::vector<double>& v) {
@@ -124,7 +130,7 @@ UpdateStats UpdateStats::from_fields(const std::vector<double>& v) {
   s.update = int64_t(v[0]), s.env_steps = int64_t(v[1]), s.accuracy = v[2], s.mean_return = v[3];
   s.answers = int64_t(v[4]), s.episodes = int64_t(v[5]), s.policy_loss = v[6], s.value_loss = v[7];
   s.entropy = v[8], s.approx_kl = v[9], s.clip_frac = v[10], s.grad_norm = v[11], s.first_ratio_dev = v[12];
-  s.seconds = v[13], s.steps_per_second = v[14];
+  s.seconds = v[13], s.steps_per_second = v[14], s.rollout_seconds = v[15];
   return s;
 }
 
@@ -160,7 +166,7 @@ Rollout PPOTrainer::collect() {
   std::vector<at::Tensor> obs, resets, logits, values, actions, rewards, dones, answered, correct, graded;
   Rollout r;
   r.state0 = states_;  // shares tensors: nothing below writes into them
-  at::Tensor o = env_->observe();
+  at::Tensor o = env_->observe().clone();  // the env updates its own tensor in place
   for (int64_t t = 0; t < T; ++t) {
     obs.push_back(o);
     resets.push_back(first_);
@@ -173,7 +179,7 @@ Rollout PPOTrainer::collect() {
     }
     logits.push_back(at::cat(group_logits, 0));
     values.push_back(at::cat(group_values, 0));
-    const at::Tensor a = at::multinomial(at::softmax(logits.back(), -1), 1, true, action_gen_).squeeze(1);
+    const at::Tensor a = sample_actions(logits.back(), action_gen_);
     EnvStep s = env_->step(a);
     for (int64_t g = 0; g < groups_; ++g) states_[g].reset(s.done.narrow(0, g * n, n));
     actions.push_back(a);
@@ -256,8 +262,9 @@ void PPOTrainer::train(const Rollout& r, UpdateStats& stats) {
 UpdateStats PPOTrainer::update() {
   const auto t0 = std::chrono::steady_clock::now();
   const Rollout r = collect();
-  stats_.add(r);
   UpdateStats s;
+  s.rollout_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  stats_.add(r);
   train(r, s);
   if (options_.grad_chunks > 1) {
     carried_.push_back({r.obs, r.resets, r.state0});

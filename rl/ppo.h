@@ -64,6 +64,10 @@ struct Rollout {
   std::vector<RecurrentState> state0;    // per group: the state before step 0
 };
 
+// One action per row of logits [N, A], drawn from softmax(logits) by the Gumbel-max trick: no host
+// synchronisation, so a CUDA graph can capture it.
+at::Tensor sample_actions(const at::Tensor& logits, const at::Generator& gen);
+
 // GAE(gamma, lambda) over a chunk; dones cut the bootstrap. Returns (advantages, returns), [T, N].
 std::pair<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& dones,
                                       const at::Tensor& last_values, double gamma, double lambda);
@@ -94,6 +98,7 @@ struct UpdateStats {
   double policy_loss = 0, value_loss = 0, entropy = 0, approx_kl = 0, clip_frac = 0, grad_norm = 0;
   double first_ratio_dev = 0;  // max |ratio - 1| of the first minibatch before its gradient step
   double seconds = 0, steps_per_second = 0;
+  double rollout_seconds = 0;  // of `seconds`: collecting the chunk (env, policy steps, sampling)
 
   // Every field by name, in a fixed order (the CSV columns); from_fields inverts it.
   std::vector<std::pair<std::string, double>> fields() const;

@@ -11,6 +11,7 @@
 #include "rl/plot.h"
 #include "rl/policy.h"
 #include "rl/ppo.h"
+#include "rl/throughput.h"
 #include "support/expect_error.h"
 #include "support/tmpdir.h"
 
@@ -234,6 +235,103 @@ TEST(RlPolicy, ChunkEqualsStepsAndResetsActInsideTheChunk) {
   }
 }
 
+// The Mamba policy recomputed from its own parameters with plain differentiable libtorch ops, one
+// step at a time, straight from the recurrence's definition (no statemamba op): conv window and
+// SSM state zeroed where an episode starts, h = exp(dt A) h + dt B x, y = (C.h + D x) silu(z).
+struct ReferenceOutput {
+  at::Tensor logits, values;
+  std::vector<at::Tensor> state;
+};
+
+ReferenceOutput reference_mamba_policy(rl::MambaPolicyImpl& p, const at::Tensor& obs, const rl::RecurrentState& s0,
+                                       const at::Tensor& resets) {
+  const auto& c = p.config;
+  const int64_t T = obs.size(0), di = c.d_inner(), ds = c.d_state(), rank = c.resolved_dt_rank(), W = c.d_conv();
+  auto rms = [&](const at::Tensor& x, const at::Tensor& w) {
+    return x * at::rsqrt(x.square().mean(-1, true) + c.norm_eps()) * w;
+  };
+  std::vector<at::Tensor> state = s0.tensors;  // per layer: conv window, ssm state
+  std::vector<at::Tensor> logits, values;
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor keep = (~resets[t]).to(obs.scalar_type()).view({-1, 1, 1});
+    at::Tensor hidden = p.encoder->forward(obs[t]), residual;
+    for (int64_t i = 0; i < c.n_layer(); ++i) {
+      auto& block = *p.blocks->ptr<statemamba::MambaBlockImpl>(i);
+      auto& m = *block.mixer;
+      residual = residual.defined() ? hidden + residual : hidden;
+      const at::Tensor xz = m.in_proj->forward(rms(residual, block.norm->weight));
+      const at::Tensor x = xz.narrow(1, 0, di), z = xz.narrow(1, di, di);
+      const at::Tensor window = at::cat({state[2 * i] * keep, x.unsqueeze(2)}, 2);  // [N, di, W]
+      const at::Tensor xc = at::silu((window * m.conv1d->weight.squeeze(1)).sum(2) + m.conv1d->bias);
+      state[2 * i] = window.narrow(2, 1, W - 1);
+      const at::Tensor x_dbl = m.x_proj->forward(xc);
+      const at::Tensor dt = at::softplus(m.dt_proj->forward(x_dbl.narrow(1, 0, rank)));  // [N, di]
+      const at::Tensor B = x_dbl.narrow(1, rank, ds), C = x_dbl.narrow(1, rank + ds, ds);
+      const at::Tensor A = -at::exp(m.A_log);
+      const at::Tensor h = at::exp(dt.unsqueeze(2) * A) * (state[2 * i + 1] * keep) +
+                           (dt * xc).unsqueeze(2) * B.unsqueeze(1);
+      state[2 * i + 1] = h;
+      const at::Tensor y = ((h * C.unsqueeze(1)).sum(2) + m.D * xc) * at::silu(z);
+      hidden = m.out_proj->forward(y);
+    }
+    const at::Tensor features = rms(hidden + residual, p.norm_f->weight);
+    logits.push_back(p.actor->forward(features));
+    values.push_back(p.critic->forward(features).squeeze(-1));
+  }
+  return {at::stack(logits), at::stack(values), state};
+}
+
+// forward_chunk through the ops (whole chunk and stepwise) equals the reference above in float64:
+// outputs, final state, and the gradients of every parameter and of the initial state, with
+// episode starts inside the chunk and a nonzero initial state.
+TEST(RlPolicy, MambaMatchesAPlainLibtorchRecurrenceWithGradients) {
+  torch::manual_seed(4);
+  rl::PolicyOptions o = small_policy("mamba");
+  o.layers = 2, o.dt_min = 0.01, o.dt_max = 0.5;  // large steps: the state changes noticeably
+  auto policy = rl::make_policy(o, 3, 5);
+  policy->to(at::kDouble);
+  auto& mamba = dynamic_cast<rl::MambaPolicyImpl&>(*policy);
+  const int64_t T = 9, N = 3;
+  const at::Tensor obs = at::randn({T, N, 3}, at::kDouble);
+  at::Tensor resets = at::zeros({T, N}, at::kBool);
+  resets.index_put_({3, 0}, true), resets.index_put_({6, 1}, true), resets.index_put_({1, 2}, true);
+  rl::RecurrentState s0 = policy->initial_state(N);
+  for (auto& t : s0.tensors) t = at::randn(t.sizes(), at::kDouble) * 0.5;
+  // Fixed random weights for the outputs and the final state make one scalar loss.
+  const at::Tensor wl = at::randn({T, N, 5}, at::kDouble), wv = at::randn({T, N}, at::kDouble);
+  std::vector<at::Tensor> ws;
+  for (const auto& t : s0.tensors) ws.push_back(at::randn(t.sizes(), at::kDouble));
+  auto gradients = [&](auto&& run) {
+    rl::RecurrentState s = s0.clone();
+    for (auto& t : s.tensors) t.requires_grad_(true);
+    policy->zero_grad();
+    auto [logits, values, state] = run(s);
+    at::Tensor loss = (logits * wl).sum() + (values * wv).sum();
+    for (size_t i = 0; i < ws.size(); ++i) loss = loss + (state[i] * ws[i]).sum();
+    loss.backward();
+    std::vector<at::Tensor> grads{logits.detach(), values.detach()};
+    for (const auto& t : state) grads.push_back(t.detach());
+    for (const auto& param : policy->parameters()) grads.push_back(param.grad().clone());
+    for (const auto& t : s.tensors) grads.push_back(t.grad().clone());
+    return grads;
+  };
+  const auto expected = gradients([&](const rl::RecurrentState& s) {
+    ReferenceOutput r = reference_mamba_policy(mamba, obs, s, resets);
+    return std::make_tuple(r.logits, r.values, r.state);
+  });
+  for (bool stepwise : {false, true}) {
+    SCOPED_TRACE(stepwise ? "stepwise" : "whole chunk");
+    const auto got = gradients([&](const rl::RecurrentState& s) {
+      rl::PolicyOutput out = policy->forward_chunk(obs, s, resets, stepwise);
+      return std::make_tuple(out.logits, out.values, out.state.tensors);
+    });
+    ASSERT_EQ(got.size(), expected.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_TRUE(at::allclose(got[i], expected[i], 1e-9, 1e-11))
+          << "item " << i << ": max difference " << (got[i] - expected[i]).abs().max().item<double>();
+  }
+}
+
 TEST(RlPolicy, BadInputs) {
   auto policy = rl::make_policy(small_policy("mamba"), 3, 5);
   const auto state = policy->initial_state(2);
@@ -371,7 +469,7 @@ TEST(RlPpo, ResumeEqualsUninterrupted) {
     for (size_t u = 0; u < straight.history().size(); ++u) {
       const auto x = straight.history()[u].fields(), y = resumed.history()[u].fields();
       for (size_t i = 0; i < x.size(); ++i)
-        if (x[i].first != "seconds" && x[i].first != "steps_per_second")
+        if (x[i].first != "seconds" && x[i].first != "steps_per_second" && x[i].first != "rollout_seconds")
           EXPECT_TRUE(x[i].second == y[i].second || (std::isnan(x[i].second) && std::isnan(y[i].second)))
               << "update " << u + 1 << " " << x[i].first << ": " << x[i].second << " vs " << y[i].second;
     }
@@ -385,6 +483,63 @@ TEST(RlPpo, CheckpointOfAnotherSetupIsRefused) {
   rl::PPOTrainer b = make_trainer("gru", small_ppo(), 8, /*delay=*/6);
   expect_error([&] { b.load(dir.file("ckpt.pt")); }, {"is for another setup", "delay=5", "delay=6"});
   expect_error([&] { b.load(dir.file("missing.pt")); }, {"cannot read", "missing.pt"});
+}
+
+// ---- rollout throughput stepper --------------------------------------------------------------------
+
+// The stepper updates everything in place (what lets a CUDA graph replay it); k of its steps must
+// equal k steps of the plain functional loop.
+TEST(RlThroughput, InPlaceStepsEqualAFunctionalLoop) {
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    rl::EnvOptions e;
+    e.num_envs = 6, e.num_bits = 2, e.horizon = 3, e.distractors = true;
+    torch::manual_seed(2);
+    auto policy = rl::make_policy(small_policy(controller), 4, 4);
+    rl::RolloutStepper stepper(rl::make_env(e, torch::kCPU, 9), policy, 9);
+    auto env = rl::make_env(e, torch::kCPU, 9);
+    const at::Generator gen = rl::make_generator(torch::kCPU, 10);
+    torch::NoGradGuard no_grad;
+    rl::RecurrentState state = policy->initial_state(6);
+    at::Tensor obs = env->observe().clone();
+    for (int t = 0; t < 12; ++t) {
+      stepper.step();
+      const rl::PolicyOutput out = policy->step(obs, state);
+      const rl::EnvStep s = env->step(rl::sample_actions(out.logits, gen));
+      state = out.state;
+      state.reset(s.done);
+      obs = s.obs;
+    }
+    EXPECT_TRUE(stepper.state().equal(state));
+    EXPECT_TRUE(at::equal(stepper.env().observe(), obs));
+    const rl::ThroughputResult r = rl::measure_throughput(stepper, 1, 3);
+    EXPECT_EQ(r.controller, controller);
+    EXPECT_EQ(r.num_envs, 6);
+    EXPECT_GT(r.env_steps_per_second, 0);
+    EXPECT_FALSE(r.cuda_graph);
+    expect_error([&] { stepper.capture(); }, {"CUDA"});
+  }
+}
+
+TEST(RlThroughput, CudaGraphReplayEqualsEagerSteps) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (const auto& controller : kControllers) {
+    SCOPED_TRACE(controller);
+    rl::EnvOptions e;
+    e.num_envs = 64, e.num_bits = 3, e.horizon = 5;
+    torch::manual_seed(3);
+    auto policy = rl::make_policy(small_policy(controller), 5, 8);
+    policy->to(torch::kCUDA);
+    rl::RolloutStepper graphed(rl::make_env(e, torch::kCUDA, 4), policy, 4);
+    rl::RolloutStepper eager(rl::make_env(e, torch::kCUDA, 4), policy, 4);
+    graphed.capture();  // runs three steps: two warm-up, one captured
+    for (int t = 0; t < 3; ++t) eager.step();
+    for (int t = 0; t < 10; ++t) graphed.step(), eager.step();
+    // The observations do not depend on the actions; the state follows the observations.
+    EXPECT_TRUE(at::equal(graphed.env().observe(), eager.env().observe()));
+    for (size_t i = 0; i < eager.state().tensors.size(); ++i)
+      EXPECT_TRUE(at::allclose(graphed.state().tensors[i], eager.state().tensors[i], 1e-4, 1e-5)) << "tensor " << i;
+  }
 }
 
 // ---- plot ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # statemamba's one entry point for people and CI: set up, build, then run a job.
-#   tools/dev.sh demo    set up, build and run the main job
+#   tools/dev.sh demo    set up, build and run the main job: statemamba-rl --mode quick (PPO training of a
+#                        Mamba policy on the delayed-memory task; extra arguments go to statemamba-rl)
 #   tools/dev.sh test    set up, build and run the whole test suite (what .ci/run does)
 #   tools/dev.sh build   set up and build only
 # Environment: STATEMAMBA_BUILD (build folder, default ./build), STATEMAMBA_CUDA (ON/OFF),
@@ -27,6 +28,9 @@ cmake --build "$build" -j "${STATEMAMBA_JOBS:-$(nproc)}"
 case "$job" in
   build) ;;
   test) cd "$build" && ctest --output-on-failure -j "$(nproc)" "$@" ;;
-  demo) "$build/statemamba-demo" "$@" ;;
+  demo)
+    out=(--out "$root/out/rl-demo")
+    for arg in "$@"; do case "$arg" in --out|--out=*) out=() ;; esac; done
+    "$build/statemamba-rl" --mode quick "${out[@]}" "$@" ;;
   *) echo "usage: tools/dev.sh build|test|demo" >&2; exit 2 ;;
 esac

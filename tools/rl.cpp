@@ -30,6 +30,7 @@
 #include "rl/plot.h"
 #include "rl/policy.h"
 #include "rl/ppo.h"
+#include "rl/throughput.h"
 
 namespace rl = statemamba::rl;
 using json = nlohmann::json;
@@ -47,6 +48,9 @@ struct Config {
   torch::Device device = torch::kCPU;
   std::string out;
   bool resume = false;
+  int64_t throughput_steps = 0;
+  double stop_at = 0, time_limit = 0;
+  bool cuda_graph = false;
 };
 
 struct RunResult {
@@ -68,6 +72,19 @@ void make_dirs(const std::string& path) {
       if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST)
         throw std::runtime_error("cannot create directory " + prefix + ": " + std::strerror(errno));
     }
+}
+
+// Whole or not at all: written beside, then renamed over the target.
+void write_file(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    out << text;
+    out.flush();
+    if (!out) throw std::runtime_error("cannot write " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
 }
 
 bool file_exists(const std::string& path) {
@@ -107,11 +124,12 @@ cxxopts::Options make_cli() {
                        "recurrent state carried across them; report accuracy curves, tables and checkpoints.\n");
   cli.custom_help("[options]").positional_help("");
   cli.add_options("run")
-      ("mode", "quick (one controller, one horizon) or scale (both controllers, every horizon)",
+      ("mode", "quick (one controller, one horizon), scale (both controllers, every horizon) or throughput "
+       "(rollout env-steps/s of both controllers, no learning; JSON)",
        cxxopts::value<std::string>()->default_value("quick"))
       ("controller", "quick mode: mamba or gru", cxxopts::value<std::string>()->default_value("mamba"))
       ("horizon", "quick mode: the memory task's delay (repeat-previous: the lag)",
-       cxxopts::value<int64_t>()->default_value("32"))
+       cxxopts::value<int64_t>()->default_value("16"))
       ("horizons", "scale mode: delays, space or comma separated",
        cxxopts::value<std::vector<int64_t>>()->default_value("1000,5000,10000,20000"))
       ("total-updates", "PPO updates per run", cxxopts::value<int64_t>()->default_value("150"))
@@ -119,9 +137,15 @@ cxxopts::Options make_cli() {
       ("seed", "random seed (environments, initialisation, sampling)", cxxopts::value<uint64_t>()->default_value("0"))
       ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/rl"))
       ("resume", "continue each run from its checkpoint in --out, if there is one")
+      ("stop-at", "end a run early once its accuracy reaches this (0: never)", cxxopts::value<double>()->default_value("0"))
+      ("time-limit", "end a run early after this many seconds of training (0: none)",
+       cxxopts::value<double>()->default_value("0"))
       ("checkpoint-every", "updates between checkpoints (and one at the end)", cxxopts::value<int64_t>()->default_value("25"))
       ("threads", "CPU threads for torch (0: torch's default). The per-step ops are tiny: more threads gain "
        "nothing, and on a busy machine OpenMP's barriers make them much slower", cxxopts::value<int>()->default_value("1"))
+      ("throughput-steps", "throughput mode: timed rollout steps per controller",
+       cxxopts::value<int64_t>()->default_value("200"))
+      ("cuda-graph", "throughput mode: capture the rollout step in a CUDA graph (needs a GPU)")
       ("h,help", "show this help");
   cli.add_options("task")
       ("task", "memory (multi-bit delayed memory) or repeat-previous (POPGym)",
@@ -130,14 +154,16 @@ cxxopts::Options make_cli() {
       ("distractors", "memory: random noise on the bit channels during the delay")
       ("cards", "repeat-previous: distinct cards", cxxopts::value<int64_t>()->default_value("4"))
       ("episode-length", "repeat-previous: steps per episode (0: lag + 32)", cxxopts::value<int64_t>()->default_value("0"))
-      ("num-envs", "environments stepped together", cxxopts::value<int64_t>()->default_value("32"));
+      ("num-envs", "environments stepped together", cxxopts::value<int64_t>()->default_value("64"));
   cli.add_options("policy")
       ("width", "d_model (Mamba) / hidden size (GRU)", cxxopts::value<int64_t>()->default_value("32"))
       ("layers", "Mamba blocks / GRU layers", cxxopts::value<int64_t>()->default_value("1"))
       ("d-state", "Mamba: state size per channel", cxxopts::value<int64_t>()->default_value("16"))
       ("dt-min", "Mamba: smallest initial step size; memory reaches about 1/dt-min steps",
        cxxopts::value<double>()->default_value("0.001"))
-      ("dt-max", "Mamba: largest initial step size", cxxopts::value<double>()->default_value("0.1"));
+      ("dt-max", "Mamba: largest initial step size", cxxopts::value<double>()->default_value("0.1"))
+      ("bc-init-scale", "Mamba: B and C start this many times nn.Linear's default size (see rl/policy.h)",
+       cxxopts::value<double>()->default_value("4"));
   cli.add_options("ppo")
       ("rollout-len", "steps per environment per update (the chunk)", cxxopts::value<int64_t>()->default_value("64"))
       ("epochs", "passes over each chunk", cxxopts::value<int64_t>()->default_value("4"))
@@ -149,8 +175,9 @@ cxxopts::Options make_cli() {
       ("value-coef", "value loss weight", cxxopts::value<double>()->default_value("0.5"))
       ("entropy-coef", "entropy bonus weight", cxxopts::value<double>()->default_value("0.01"))
       ("max-grad-norm", "gradient clipping norm", cxxopts::value<double>()->default_value("0.5"))
-      ("replay", "step (bit-exact with the rollout) or chunk (one pass; faster, equal to rounding)",
-       cxxopts::value<std::string>()->default_value("step"))
+      ("replay", "how the update replays a chunk: chunk (one pass, ~3x faster on CPU; logits equal the "
+       "rollout's to rounding) or step (one step at a time; bit-exact, the PPO ratio is exactly 1)",
+       cxxopts::value<std::string>()->default_value("chunk"))
       ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start)",
        cxxopts::value<int64_t>()->default_value("1"))
       ("accuracy-window", "graded answers that accuracy is the share of", cxxopts::value<int64_t>()->default_value("256"));
@@ -173,8 +200,13 @@ Config parse(const cxxopts::ParseResult& args) {
     for (const char* choice : choices) list += std::string(list.empty() ? "" : ", ") + choice;
     usage_error(std::string("--") + flag + " must be one of " + list + ", got '" + v + "'");
   };
-  c.mode = one_of("mode", {"quick", "scale"});
-  if (c.mode == "quick") {
+  c.mode = one_of("mode", {"quick", "scale", "throughput"});
+  if (c.mode == "throughput") {
+    c.controllers = args.count("controller") ? std::vector<std::string>{one_of("controller", {"mamba", "gru"})}
+                                             : std::vector<std::string>{"mamba", "gru"};
+    if (args.count("horizons")) usage_error("--horizons is for --mode scale; throughput mode takes one --horizon");
+    c.horizons = {args["horizon"].as<int64_t>()};
+  } else if (c.mode == "quick") {
     c.controllers = {one_of("controller", {"mamba", "gru"})};
     if (args.count("horizons")) usage_error("--horizons is for --mode scale; quick mode takes one --horizon");
     c.horizons = {args["horizon"].as<int64_t>()};
@@ -204,6 +236,8 @@ Config parse(const cxxopts::ParseResult& args) {
   c.policy.d_state = positive("d-state");
   c.policy.dt_min = args["dt-min"].as<double>();
   c.policy.dt_max = args["dt-max"].as<double>();
+  c.policy.bc_init_scale = args["bc-init-scale"].as<double>();
+  if (!(c.policy.bc_init_scale > 0)) usage_error("--bc-init-scale must be positive, got " + std::to_string(c.policy.bc_init_scale));
   if (!(c.policy.dt_min > 0 && c.policy.dt_min <= c.policy.dt_max))
     usage_error("need 0 < --dt-min <= --dt-max, got " + std::to_string(c.policy.dt_min) + " and " +
                 std::to_string(c.policy.dt_max));
@@ -232,6 +266,11 @@ Config parse(const cxxopts::ParseResult& args) {
   p.accuracy_window = positive("accuracy-window");
   p.seed = args["seed"].as<uint64_t>();
 
+  c.throughput_steps = positive("throughput-steps");
+  c.stop_at = in_range("stop-at", 0, 1);
+  c.time_limit = in_range("time-limit", 0, 1e9);
+  c.cuda_graph = args.count("cuda-graph") > 0;
+  if (c.cuda_graph && c.mode != "throughput") usage_error("--cuda-graph is for --mode throughput");
   c.total_updates = positive("total-updates");
   c.checkpoint_every = positive("checkpoint-every");
   c.out = args["out"].as<std::string>();
@@ -249,6 +288,8 @@ Config parse(const cxxopts::ParseResult& args) {
       usage_error("--device " + device + ": no CUDA device is visible to this torch");
     if (!c.device.is_cpu() && !c.device.is_cuda()) usage_error("--device must be cpu, cuda, cuda:N or auto, got '" + device + "'");
   }
+  if (c.cuda_graph && !c.device.is_cuda())
+    usage_error("--cuda-graph needs a CUDA device, but the run is on " + c.device.str());
   if (const int threads = args["threads"].as<int>(); threads > 0) torch::set_num_threads(threads);
   return c;
 }
@@ -266,6 +307,7 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"d_state", c.policy.d_state},
           {"dt_min", c.policy.dt_min},
           {"dt_max", c.policy.dt_max},
+          {"bc_init_scale", c.policy.bc_init_scale},
           {"rollout_len", p.rollout_len},
           {"epochs", p.epochs},
           {"minibatches", p.minibatches},
@@ -316,7 +358,7 @@ class Progress {
 // ---- outputs ----------------------------------------------------------------------------------------
 
 void write_metrics(const Config& c, const RunResult& r) {
-  std::ofstream csv(c.out + "/" + r.name + ".csv");
+  std::ostringstream csv;
   const auto header = rl::UpdateStats().fields();
   for (size_t i = 0; i < header.size(); ++i) csv << (i ? "," : "") << header[i].first;
   csv << "\n";
@@ -332,7 +374,8 @@ void write_metrics(const Config& c, const RunResult& r) {
     history.push_back(row);
   }
   json doc = {{"run", r.name}, {"config", config_json(c, r.controller, r.horizon)}, {"history", history}};
-  std::ofstream(c.out + "/" + r.name + ".json") << doc.dump(1) << "\n";
+  write_file(c.out + "/" + r.name + ".csv", csv.str());
+  write_file(c.out + "/" + r.name + ".json", doc.dump(1) + "\n");
 }
 
 double best_accuracy(const RunResult& r) {
@@ -363,7 +406,7 @@ void write_plot(const Config& c, const std::vector<RunResult>& runs, const std::
 }
 
 void write_table(const Config& c, const std::vector<RunResult>& runs) {
-  std::ofstream md(c.out + "/results.md"), csv(c.out + "/results.csv");
+  std::ostringstream md, csv;
   md << "| controller | horizon | final accuracy | best accuracy | updates | env steps | time | env steps/s |\n"
      << "|---|---:|---:|---:|---:|---:|---:|---:|\n";
   csv << "controller,horizon,final_accuracy,best_accuracy,updates,env_steps,seconds,env_steps_per_second\n";
@@ -378,6 +421,8 @@ void write_table(const Config& c, const std::vector<RunResult>& runs) {
     csv << r.controller << "," << r.horizon << "," << fixed(last.accuracy, 4) << "," << fixed(best_accuracy(r), 4)
         << "," << last.update << "," << last.env_steps << "," << fixed(seconds, 1) << "," << fixed(sps, 1) << "\n";
   }
+  write_file(c.out + "/results.md", md.str());
+  write_file(c.out + "/results.csv", csv.str());
 }
 
 // ---- one run ----------------------------------------------------------------------------------------
@@ -409,8 +454,19 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
     const rl::UpdateStats s = trainer.update();
     seconds += s.seconds, ++timed;
     progress.show(s, seconds / timed);
-    const bool last = u + 1 == c.total_updates;
+    // Early ends: the target accuracy reached (over a full window of answers), or the time used up.
+    std::string stop;
+    if (c.stop_at > 0 && s.answers >= c.ppo.accuracy_window && s.accuracy >= c.stop_at)
+      stop = "reached accuracy " + fixed(c.stop_at, 2);
+    else if (c.time_limit > 0 && seconds >= c.time_limit)
+      stop = "time limit of " + duration(c.time_limit);
+    const bool last = u + 1 == c.total_updates || !stop.empty();
     if (last || (u + 1) % c.checkpoint_every == 0 || g_interrupted) trainer.save(checkpoint);
+    if (!stop.empty()) {
+      progress.finish();
+      std::cout << result.name << ": stopped after update " << s.update << ": " << stop << std::endl;
+      break;
+    }
     if (g_interrupted && !last) {
       progress.finish();
       std::cout << "interrupted: checkpoint " << checkpoint << " (continue with --resume)" << std::endl;
@@ -422,6 +478,33 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   result.history = trainer.history();
   write_metrics(c, result);
   return result;
+}
+
+// ---- throughput -----------------------------------------------------------------------------------
+
+json throughput(const Config& c) {
+  json results = json::array();
+  for (const auto& controller : c.controllers) {
+    rl::EnvOptions env_options = c.env;
+    env_options.horizon = c.horizons[0];
+    rl::PolicyOptions policy_options = c.policy;
+    policy_options.controller = controller;
+    torch::manual_seed(c.ppo.seed);
+    auto env = rl::make_env(env_options, c.device, c.ppo.seed);
+    auto policy = rl::make_policy(policy_options, env->obs_dim(), env->num_actions());
+    rl::RolloutStepper stepper(std::move(env), policy, c.ppo.seed);
+    if (c.cuda_graph) stepper.capture();
+    const rl::ThroughputResult r = rl::measure_throughput(stepper, /*warmup=*/20, c.throughput_steps);
+    std::cerr << controller << ": " << rate(r.env_steps_per_second) << " env-steps/s at " << r.num_envs << " envs"
+              << (r.cuda_graph ? " (CUDA graph)" : "") << std::endl;
+    results.push_back({{"controller", controller}, {"policy", r.policy}, {"env", r.env}, {"device", r.device},
+                       {"num_envs", r.num_envs}, {"steps", r.steps}, {"cuda_graph", r.cuda_graph},
+                       {"seconds", r.seconds}, {"env_steps_per_second", r.env_steps_per_second}});
+  }
+  return {{"mode", "throughput"},
+          {"what", "env step + policy step + action sampling + state resets, no learning"},
+          {"threads", torch::get_num_threads()},
+          {"results", results}};
 }
 
 }  // namespace
@@ -446,6 +529,18 @@ int main(int argc, char** argv) {
   }
   std::signal(SIGINT, [](int) { g_interrupted = true; });
 
+  if (c.mode == "throughput") {
+    try {
+      const json doc = throughput(c);
+      write_file(c.out + "/throughput.json", doc.dump(1) + "\n");
+      std::cout << doc.dump(1) << std::endl;
+      return 0;
+    } catch (const c10::Error& e) {
+      std::cerr << "statemamba-rl: " << e.what_without_backtrace() << std::endl;
+      return 1;
+    }
+  }
+
   std::vector<RunResult> runs;
   try {
     for (int64_t h : c.horizons)
@@ -457,6 +552,9 @@ int main(int argc, char** argv) {
     if (c.mode == "scale") write_table(c, runs);
   } catch (const c10::Error& e) {
     std::cerr << "statemamba-rl: " << e.what_without_backtrace() << std::endl;
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "statemamba-rl: " << e.what() << std::endl;
     return 1;
   }
 
