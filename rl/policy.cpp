@@ -110,6 +110,13 @@ PolicyOutput RecurrentPolicyImpl::forward_chunk(const at::Tensor& obs, const Rec
   return {at::cat(logits, 0), at::cat(values, 0), std::move(state)};
 }
 
+std::pair<at::Tensor, at::Tensor> RecurrentPolicyImpl::step_inplace(const at::Tensor& obs, RecurrentState& state) {
+  torch::NoGradGuard no_grad;
+  PolicyOutput out = step(obs, state);
+  for (size_t i = 0; i < state.tensors.size(); ++i) state.tensors[i].copy_(out.state.tensors[i]);
+  return {out.logits, out.values};
+}
+
 // ---- Mamba -----------------------------------------------------------------------------------------
 
 namespace {
@@ -182,6 +189,18 @@ std::pair<at::Tensor, RecurrentState> MambaPolicyImpl::core(const at::Tensor& x,
   }
   const at::Tensor features = norm_f->forward(hidden + residual);
   return {features.transpose(0, 1), std::move(next)};
+}
+
+std::pair<at::Tensor, at::Tensor> MambaPolicyImpl::step_inplace(const at::Tensor& obs, RecurrentState& state) {
+  TORCH_CHECK(obs.dim() == 2 && obs.size(1) == obs_dim, "policy step_inplace: obs must be [N, ", obs_dim, "], got ",
+              obs.sizes());
+  torch::NoGradGuard no_grad;
+  MambaStackState stack = stack_state(state);  // shares the tensors: the blocks' step() writes them
+  at::Tensor hidden = encoder->forward(obs), residual;
+  for (int64_t i = 0; i < config.n_layer(); ++i)
+    std::tie(hidden, residual) = blocks->ptr<MambaBlockImpl>(i)->step(hidden, residual, stack.layers[i]);
+  const at::Tensor features = norm_f->forward(hidden + residual);
+  return {actor->forward(features), critic->forward(features).squeeze(-1)};
 }
 
 // ---- GRU -------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ class RecurrentPolicyImpl : public torch::nn::Module {
   PolicyOutput step(const at::Tensor& obs, const RecurrentState& state);
   PolicyOutput forward_chunk(const at::Tensor& obs, const RecurrentState& state0, const at::Tensor& resets,
                              bool stepwise = false);
+  // Inference only, for rollouts that are never replayed (throughput): advances `state` in place
+  // and returns (logits [N, A], values [N]). Mamba uses the decode ops (causal_conv1d_update,
+  // selective_state_update; fused on CUDA), equal to step() to rounding, not bit for bit.
+  virtual std::pair<at::Tensor, at::Tensor> step_inplace(const at::Tensor& obs, RecurrentState& state);
   virtual std::string describe() const = 0;
   at::Device device() const { return actor->weight.device(); }
 
@@ -105,6 +109,7 @@ class MambaPolicyImpl : public RecurrentPolicyImpl {
  public:
   MambaPolicyImpl(int64_t obs_dim, int64_t num_actions, const PolicyOptions& options);
   RecurrentState initial_state(int64_t num_envs) const override;
+  std::pair<at::Tensor, at::Tensor> step_inplace(const at::Tensor& obs, RecurrentState& state) override;
   std::string describe() const override;
   // The state as the library's state object (shares the tensors), e.g. to save it as .h5.
   MambaStackState stack_state(const RecurrentState& state) const;

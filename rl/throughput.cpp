@@ -5,6 +5,7 @@
 #include <torch/utils.h>
 
 #include <chrono>
+#include <vector>
 
 #include "rl/ppo.h"
 
@@ -22,8 +23,8 @@ struct RolloutStepper::Graph {
 #endif
 };
 
-RolloutStepper::RolloutStepper(std::unique_ptr<Env> env, RecurrentPolicy policy, uint64_t seed)
-    : env_(std::move(env)), policy_(std::move(policy)) {
+RolloutStepper::RolloutStepper(std::unique_ptr<Env> env, RecurrentPolicy policy, uint64_t seed, bool decode)
+    : env_(std::move(env)), policy_(std::move(policy)), decode_(decode) {
   TORCH_CHECK(policy_->obs_dim == env_->obs_dim() && policy_->num_actions == env_->num_actions(),
               "rollout stepper: the policy takes ", policy_->obs_dim, " inputs and ", policy_->num_actions,
               " actions, the env has ", env_->obs_dim(), " and ", env_->num_actions());
@@ -37,11 +38,20 @@ RolloutStepper::~RolloutStepper() = default;
 
 void RolloutStepper::eager_step() {
   torch::NoGradGuard no_grad;
-  const PolicyOutput out = policy_->step(env_->observe(), state_);
-  const EnvStep s = env_->step(sample_actions(out.logits, action_gen_));
-  RecurrentState next = out.state;
-  next.reset(s.done);
-  for (size_t i = 0; i < state_.tensors.size(); ++i) state_.tensors[i].copy_(next.tensors[i]);  // in place
+  at::Tensor logits;
+  if (decode_) {
+    logits = policy_->step_inplace(env_->observe(), state_).first;
+  } else {
+    PolicyOutput out = policy_->step(env_->observe(), state_);
+    for (size_t i = 0; i < state_.tensors.size(); ++i) state_.tensors[i].copy_(out.state.tensors[i]);  // in place
+    logits = out.logits;
+  }
+  const EnvStep s = env_->step(sample_actions(logits, action_gen_));
+  for (auto& t : state_.tensors) {  // the ended episodes' rows start afresh, in place
+    std::vector<int64_t> shape(t.dim(), 1);
+    shape[0] = t.size(0);
+    t.masked_fill_(s.done.view(shape), 0);
+  }
 }
 
 void RolloutStepper::step() {
@@ -112,6 +122,7 @@ ThroughputResult measure_throughput(RolloutStepper& stepper, int64_t warmup, int
   r.num_envs = stepper.env().num_envs();
   r.steps = steps;
   r.cuda_graph = stepper.captured();
+  r.decode = stepper.decode();
   r.env_steps_per_second = static_cast<double>(steps * r.num_envs) / r.seconds;
   return r;
 }

@@ -20,7 +20,9 @@ namespace statemamba::rl {
 
 class RolloutStepper {
  public:
-  RolloutStepper(std::unique_ptr<Env> env, RecurrentPolicy policy, uint64_t seed);
+  // decode: the policy steps with step_inplace (Mamba: the decode ops) rather than step() (Mamba:
+  // the scan ops over one step, as PPO's rollout, whose update replays it bit for bit).
+  RolloutStepper(std::unique_ptr<Env> env, RecurrentPolicy policy, uint64_t seed, bool decode = false);
   ~RolloutStepper();
 
   // One step of every environment (eager, or the captured graph's replay).
@@ -29,6 +31,7 @@ class RolloutStepper {
   // environments are not on a CUDA device or this build has no CUDA.
   void capture();
   bool captured() const;
+  bool decode() const { return decode_; }
 
   Env& env() { return *env_; }
   RecurrentPolicy& policy() { return policy_; }
@@ -39,6 +42,7 @@ class RolloutStepper {
 
   std::unique_ptr<Env> env_;
   RecurrentPolicy policy_;
+  bool decode_;
   at::Generator action_gen_;
   RecurrentState state_;
   struct Graph;
@@ -48,7 +52,7 @@ class RolloutStepper {
 struct ThroughputResult {
   std::string controller, policy, env, device;
   int64_t num_envs = 0, steps = 0;
-  bool cuda_graph = false;
+  bool cuda_graph = false, decode = false;
   double seconds = 0, env_steps_per_second = 0;
 };
 

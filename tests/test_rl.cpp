@@ -518,6 +518,13 @@ TEST(RlThroughput, InPlaceStepsEqualAFunctionalLoop) {
     EXPECT_GT(r.env_steps_per_second, 0);
     EXPECT_FALSE(r.cuda_graph);
     expect_error([&] { stepper.capture(); }, {"CUDA"});
+
+    // With the decode ops the same steps agree to rounding.
+    rl::RolloutStepper decoding(rl::make_env(e, torch::kCPU, 9), policy, 9, /*decode=*/true);
+    for (int t = 0; t < 12; ++t) decoding.step();
+    EXPECT_TRUE(at::equal(decoding.env().observe(), obs));
+    for (size_t i = 0; i < state.tensors.size(); ++i)
+      EXPECT_TRUE(at::allclose(decoding.state().tensors[i], state.tensors[i], 1e-5, 1e-6)) << "tensor " << i;
   }
 }
 

@@ -5,7 +5,7 @@
 //   statemamba-rl --mode quick --controller gru --horizon 200 --num-bits 3 --total-updates 300
 //   statemamba-rl --mode scale --num-bits 4 --num-envs 64 --horizons 1000 5000 10000 20000
 //
-// Writes into --out: per run <controller>-h<horizon>.csv and .json (every update's statistics) and
+// Writes into --out (default out/rl): per run <controller>-h<horizon>.csv and .json (every update's statistics) and
 // checkpoint-<controller>-h<horizon>.pt; accuracy.png (accuracy against updates, one curve per
 // run); in scale mode results.md and results.csv. --resume continues from the checkpoints.
 #include <sys/stat.h>
@@ -50,7 +50,7 @@ struct Config {
   bool resume = false;
   int64_t throughput_steps = 0;
   double stop_at = 0, time_limit = 0;
-  bool cuda_graph = false;
+  bool cuda_graph = false, decode_step = false;
 };
 
 struct RunResult {
@@ -135,7 +135,7 @@ cxxopts::Options make_cli() {
       ("total-updates", "PPO updates per run", cxxopts::value<int64_t>()->default_value("150"))
       ("device", "cpu, cuda, cuda:N, or auto (cuda when there is one)", cxxopts::value<std::string>()->default_value("auto"))
       ("seed", "random seed (environments, initialisation, sampling)", cxxopts::value<uint64_t>()->default_value("0"))
-      ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/rl"))
+      ("out", "output directory", cxxopts::value<std::string>()->default_value("out/rl"))
       ("resume", "continue each run from its checkpoint in --out, if there is one")
       ("stop-at", "end a run early once its accuracy reaches this (0: never)", cxxopts::value<double>()->default_value("0"))
       ("time-limit", "end a run early after this many seconds of training (0: none)",
@@ -146,6 +146,8 @@ cxxopts::Options make_cli() {
       ("throughput-steps", "throughput mode: timed rollout steps per controller",
        cxxopts::value<int64_t>()->default_value("200"))
       ("cuda-graph", "throughput mode: capture the rollout step in a CUDA graph (needs a GPU)")
+      ("decode-step", "throughput mode: step Mamba with the decode ops (fused on CUDA) instead of the scan "
+       "ops over one step that PPO's rollout uses (for its exact replay)")
       ("h,help", "show this help");
   cli.add_options("task")
       ("task", "memory (multi-bit delayed memory) or repeat-previous (POPGym)",
@@ -270,6 +272,8 @@ Config parse(const cxxopts::ParseResult& args) {
   c.stop_at = in_range("stop-at", 0, 1);
   c.time_limit = in_range("time-limit", 0, 1e9);
   c.cuda_graph = args.count("cuda-graph") > 0;
+  c.decode_step = args.count("decode-step") > 0;
+  if (c.decode_step && c.mode != "throughput") usage_error("--decode-step is for --mode throughput");
   if (c.cuda_graph && c.mode != "throughput") usage_error("--cuda-graph is for --mode throughput");
   c.total_updates = positive("total-updates");
   c.checkpoint_every = positive("checkpoint-every");
@@ -341,7 +345,7 @@ class Progress {
     std::ostringstream line;
     line << name_ << " [" << std::string(filled, '#') << std::string(kBar - filled, '.') << "] " << s.update << "/"
          << total_ << "  acc " << fixed(s.accuracy, 3) << "  return " << fixed(s.mean_return, 3) << "  "
-         << rate(s.steps_per_second) << " steps/s  ETA " << duration(seconds_per_update * (total_ - s.update));
+         << rate(s.steps_per_second) << " env-steps/s  ETA " << duration(seconds_per_update * (total_ - s.update));
     if (tty_) std::cout << "\r" << line.str() << "\033[K" << std::flush;
     else std::cout << line.str() << std::endl;
   }
@@ -492,13 +496,13 @@ json throughput(const Config& c) {
     torch::manual_seed(c.ppo.seed);
     auto env = rl::make_env(env_options, c.device, c.ppo.seed);
     auto policy = rl::make_policy(policy_options, env->obs_dim(), env->num_actions());
-    rl::RolloutStepper stepper(std::move(env), policy, c.ppo.seed);
+    rl::RolloutStepper stepper(std::move(env), policy, c.ppo.seed, c.decode_step);
     if (c.cuda_graph) stepper.capture();
     const rl::ThroughputResult r = rl::measure_throughput(stepper, /*warmup=*/20, c.throughput_steps);
     std::cerr << controller << ": " << rate(r.env_steps_per_second) << " env-steps/s at " << r.num_envs << " envs"
-              << (r.cuda_graph ? " (CUDA graph)" : "") << std::endl;
+              << (r.cuda_graph ? " (CUDA graph)" : "") << (r.decode ? " (decode ops)" : "") << std::endl;
     results.push_back({{"controller", controller}, {"policy", r.policy}, {"env", r.env}, {"device", r.device},
-                       {"num_envs", r.num_envs}, {"steps", r.steps}, {"cuda_graph", r.cuda_graph},
+                       {"num_envs", r.num_envs}, {"steps", r.steps}, {"cuda_graph", r.cuda_graph}, {"decode_step", r.decode},
                        {"seconds", r.seconds}, {"env_steps_per_second", r.env_steps_per_second}});
   }
   return {{"mode", "throughput"},
