@@ -255,8 +255,9 @@ TEST(MixerStepCudaOnly, StridedStatesAreWrittenBack) {
 
 TEST(MixerStepCudaOnly, ShapesOutsideTheFastKernelsTakeTheSeparateOps) {
   SKIP_WITHOUT_CUDA();
-  for (auto [s, dtype] : {std::pair{Shape{2, 40, 4, 16, 4}, at::kDouble}, std::pair{Shape{2, 40, 9, 16, 4}, at::kFloat},
-                          std::pair{Shape{2, 40, 4, 130, 4}, at::kFloat}}) {
+  // (Conv widths above 8 are refused by every backend's conv ops, so only float64 and a large
+  // d_state reach the fallback.)
+  for (auto [s, dtype] : {std::pair{Shape{2, 40, 4, 16, 4}, at::kDouble}, std::pair{Shape{2, 40, 4, 130, 4}, at::kFloat}}) {
     SCOPED_TRACE("width " + std::to_string(s.width) + ", dstate " + std::to_string(s.dstate));
     const MixerCase start = make_case(s, dtype, test::state_dtype_for(dtype), true, true, 1);
     MixerCase gpu = start.to(kCuda), cpu = start.to(at::kCPU);
