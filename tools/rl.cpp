@@ -4,10 +4,12 @@
 //   statemamba-rl                                                   # quick run with the defaults
 //   statemamba-rl --mode quick --controller gru --horizon 200 --num-bits 3 --total-updates 300
 //   statemamba-rl --mode scale --num-bits 4 --num-envs 64 --horizons 1000 5000 10000 20000
+//   statemamba-rl --mode throughput --num-envs 1024 --cuda-graph   # rollout env-steps/s, no learning
 //
 // Writes into --out (default out/rl): per run <controller>-h<horizon>.csv and .json (every update's statistics) and
 // checkpoint-<controller>-h<horizon>.pt; accuracy.png (accuracy against updates, one curve per
-// run); in scale mode results.md and results.csv. --resume continues from the checkpoints.
+// run); in scale mode results.md and results.csv; in throughput mode throughput.json (also printed).
+// --resume continues from the checkpoints.
 #include <sys/stat.h>
 #include <unistd.h>
 
