@@ -167,21 +167,27 @@ Rollout PPOTrainer::collect() {
   Rollout r;
   r.state0 = states_;  // shares tensors: nothing below writes into them
   at::Tensor o = env_->observe().clone();  // the env updates its own tensor in place
+  // A stepwise replay must see the rollout's shapes, so the rollout steps group by group; a
+  // whole-chunk replay matches only to rounding anyway, and one call for every environment saves
+  // the per-call overhead (kernel launches on a GPU) groups - 1 times over.
+  const bool by_group = options_.stepwise_replay && groups_ > 1;
+  std::vector<RecurrentState> states = by_group ? states_ : std::vector<RecurrentState>{RecurrentState::cat(states_)};
+  const int64_t rows = by_group ? n : env_->num_envs();
   for (int64_t t = 0; t < T; ++t) {
     obs.push_back(o);
     resets.push_back(first_);
-    std::vector<at::Tensor> group_logits, group_values;
-    for (int64_t g = 0; g < groups_; ++g) {
-      PolicyOutput out = policy_->step(o.narrow(0, g * n, n), states_[g]);
-      group_logits.push_back(out.logits);
-      group_values.push_back(out.values);
-      states_[g] = std::move(out.state);
+    std::vector<at::Tensor> part_logits, part_values;
+    for (size_t g = 0; g < states.size(); ++g) {
+      PolicyOutput out = policy_->step(o.narrow(0, g * rows, rows), states[g]);
+      part_logits.push_back(out.logits);
+      part_values.push_back(out.values);
+      states[g] = std::move(out.state);
     }
-    logits.push_back(at::cat(group_logits, 0));
-    values.push_back(at::cat(group_values, 0));
+    logits.push_back(part_logits.size() == 1 ? part_logits[0] : at::cat(part_logits, 0));
+    values.push_back(part_values.size() == 1 ? part_values[0] : at::cat(part_values, 0));
     const at::Tensor a = sample_actions(logits.back(), action_gen_);
     EnvStep s = env_->step(a);
-    for (int64_t g = 0; g < groups_; ++g) states_[g].reset(s.done.narrow(0, g * n, n));
+    for (size_t g = 0; g < states.size(); ++g) states[g].reset(s.done.narrow(0, g * rows, rows));
     actions.push_back(a);
     rewards.push_back(s.reward);
     dones.push_back(s.done);
@@ -192,7 +198,10 @@ Rollout PPOTrainer::collect() {
     o = s.obs;
   }
   std::vector<at::Tensor> last;
-  for (int64_t g = 0; g < groups_; ++g) last.push_back(policy_->step(o.narrow(0, g * n, n), states_[g]).values);
+  for (size_t g = 0; g < states.size(); ++g) last.push_back(policy_->step(o.narrow(0, g * rows, rows), states[g]).values);
+  if (by_group) states_ = std::move(states);
+  else
+    for (int64_t g = 0; g < groups_; ++g) states_[g] = states[0].narrow(g * n, n).clone();  // own storage: saved alone
   r.obs = at::stack(obs), r.resets = at::stack(resets), r.logits = at::stack(logits), r.values = at::stack(values);
   r.actions = at::stack(actions), r.rewards = at::stack(rewards), r.dones = at::stack(dones);
   r.answered = at::stack(answered), r.correct = at::stack(correct), r.graded = at::stack(graded);

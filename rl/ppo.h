@@ -8,7 +8,8 @@
 // masks. Minibatches are fixed groups of environments with their sequences whole; the rollout
 // steps the policy group by group, so a stepwise replay sees the shapes the rollout saw and
 // reproduces its logits and values bit for bit (the ratio is exactly 1 before the first gradient
-// step; see rl/policy.h).
+// step; see rl/policy.h). With whole-chunk replay (equal to rounding only) the rollout steps every
+// environment in one call instead.
 //
 //   PPOTrainer trainer(make_env(env_options, device, seed), make_policy(policy_options, ...), ppo, seed);
 //   for (int i = 0; i < 300; ++i) UpdateStats s = trainer.update();

@@ -140,7 +140,7 @@ cxxopts::Options make_cli() {
       ("out", "output directory", cxxopts::value<std::string>()->default_value("out/rl"))
       ("resume", "continue each run from its checkpoint in --out, if there is one")
       ("stop-at", "end a run early once its accuracy reaches this (0: never)", cxxopts::value<double>()->default_value("0"))
-      ("time-limit", "end a run early after this many seconds of training (0: none)",
+      ("time-limit", "end a run early before its training time would pass this many seconds (0: none)",
        cxxopts::value<double>()->default_value("0"))
       ("checkpoint-every", "updates between checkpoints (and one at the end)", cxxopts::value<int64_t>()->default_value("25"))
       ("threads", "CPU threads for torch (0: torch's default). The per-step ops are tiny: more threads gain "
@@ -464,7 +464,7 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
     std::string stop;
     if (c.stop_at > 0 && s.answers >= c.ppo.accuracy_window && s.accuracy >= c.stop_at)
       stop = "reached accuracy " + fixed(c.stop_at, 2);
-    else if (c.time_limit > 0 && seconds >= c.time_limit)
+    else if (c.time_limit > 0 && seconds + seconds / timed > c.time_limit)  // the next update would pass it
       stop = "time limit of " + duration(c.time_limit);
     const bool last = u + 1 == c.total_updates || !stop.empty();
     if (last || (u + 1) % c.checkpoint_every == 0 || g_interrupted) trainer.save(checkpoint);
