@@ -88,7 +88,15 @@ void RolloutStepper::capture() {
     graph->graph.register_generator_state(env_->generator());
     graph->graph.register_generator_state(action_gen_);
     graph->graph.capture_begin();
-    eager_step();
+    try {
+      eager_step();
+    } catch (...) {
+      try {
+        graph->graph.capture_end();  // leaves the stream out of capture mode; the graph is dropped
+      } catch (...) {
+      }
+      throw;
+    }
     graph->graph.capture_end();
     stream.synchronize();
   }

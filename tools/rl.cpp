@@ -499,13 +499,22 @@ json throughput(const Config& c) {
     auto env = rl::make_env(env_options, c.device, c.ppo.seed);
     auto policy = rl::make_policy(policy_options, env->obs_dim(), env->num_actions());
     rl::RolloutStepper stepper(std::move(env), policy, c.ppo.seed, c.decode_step);
-    if (c.cuda_graph) stepper.capture();
+    std::string capture_error;
+    if (c.cuda_graph) {
+      try {
+        stepper.capture();
+      } catch (const c10::Error& e) {  // reported, and this controller is measured eager instead
+        capture_error = e.what_without_backtrace();
+        std::cerr << controller << ": CUDA graph capture failed, measuring eager steps: " << capture_error << std::endl;
+      }
+    }
     const rl::ThroughputResult r = rl::measure_throughput(stepper, /*warmup=*/20, c.throughput_steps);
     std::cerr << controller << ": " << rate(r.env_steps_per_second) << " env-steps/s at " << r.num_envs << " envs"
               << (r.cuda_graph ? " (CUDA graph)" : "") << (r.decode ? " (decode ops)" : "") << std::endl;
     results.push_back({{"controller", controller}, {"policy", r.policy}, {"env", r.env}, {"device", r.device},
                        {"num_envs", r.num_envs}, {"steps", r.steps}, {"cuda_graph", r.cuda_graph}, {"decode_step", r.decode},
                        {"seconds", r.seconds}, {"env_steps_per_second", r.env_steps_per_second}});
+    if (!capture_error.empty()) results.back()["cuda_graph_error"] = capture_error;
   }
   return {{"mode", "throughput"},
           {"what", "env step + policy step + action sampling + state resets, no learning"},

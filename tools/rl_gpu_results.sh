@@ -8,6 +8,7 @@
 #
 #   tools/rl_gpu_results.sh OUT_DIR [BUILD_DIR]      # BUILD_DIR defaults to ./build-gpu
 #
+# It first brings BUILD_DIR's statemamba-rl up to date (cmake --build --target statemamba-rl).
 # OUT_DIR gets one folder per step (metrics .csv/.json, accuracy.png, results.md/.csv,
 # throughput.json), a .log per step, device.txt, and summary.md collecting the numbers.
 set -uo pipefail
@@ -15,7 +16,10 @@ out=${1:?usage: tools/rl_gpu_results.sh OUT_DIR [BUILD_DIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${2:-$root/build-gpu}
 rl=$build/statemamba-rl
-[ -x "$rl" ] || { echo "no $rl: build first (STATEMAMBA_BUILD=$build tools/dev.sh build)" >&2; exit 2; }
+[ -f "$build/build.ninja" ] || { echo "no build in $build: build first (STATEMAMBA_BUILD=$build tools/dev.sh build)" >&2; exit 2; }
+# Brings statemamba-rl up to date with this checkout (incremental; not counted in the four minutes).
+timeout 900 cmake --build "$build" --target statemamba-rl || { echo "building statemamba-rl in $build failed" >&2; exit 2; }
+"$rl" --help | grep -q -- "--cuda-graph" || { echo "$rl predates the throughput mode" >&2; exit 2; }
 device=${STATEMAMBA_RL_DEVICE:-cuda}  # cpu only to try the script itself out
 graph=(--cuda-graph)
 [ "$device" = cuda ] || graph=()
