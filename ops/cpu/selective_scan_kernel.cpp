@@ -49,6 +49,18 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// The inputs' base pointers, fetched once per call: data_ptr() checks dtype and storage each time,
+// which costs as much as the scan itself when rows are short (L = 1 in an RL rollout).
+template <typename T>
+struct ScanPointers {
+  const T *u, *delta, *A, *Bt, *Ct, *D, *z, *bias, *h0;
+  const bool* reset;
+  explicit ScanPointers(const ScanInputs& in)
+      : u(in.u.data_ptr<T>()), delta(in.delta.data_ptr<T>()), A(in.A.data_ptr<T>()), Bt(in.Bt.data_ptr<T>()),
+        Ct(in.Ct.data_ptr<T>()), D(ptr_or_null<T>(in.D)), z(ptr_or_null<T>(in.z)), bias(ptr_or_null<T>(in.bias)),
+        h0(ptr_or_null<T>(in.h0)), reset(in.reset.defined() ? in.reset.data_ptr<bool>() : nullptr) {}
+};
+
 // Raw pointers of one (batch b, channel d) row.
 template <typename T>
 struct Row {
@@ -58,19 +70,19 @@ struct Row {
   bool softplus;
   int64_t L, N;
 
-  Row(const ScanInputs& in, const ScanDims& s, int64_t b, int64_t d, bool softplus_)
+  Row(const ScanPointers<T>& in, const ScanDims& s, int64_t b, int64_t d, bool softplus_)
       : softplus(softplus_), L(s.seqlen), N(s.dstate) {
     const int64_t row = b * s.dim + d;
-    u = in.u.data_ptr<T>() + row * L;
-    delta = in.delta.data_ptr<T>() + row * L;
-    A = in.A.data_ptr<T>() + d * N;
-    Bt = in.Bt.data_ptr<T>() + b * L * N;
-    Ct = in.Ct.data_ptr<T>() + b * L * N;
-    z = in.z.defined() ? in.z.data_ptr<T>() + row * L : nullptr;
-    h0 = in.h0.defined() ? in.h0.data_ptr<T>() + row * N : nullptr;
-    reset = in.reset.defined() ? in.reset.data_ptr<bool>() + b * L : nullptr;
-    D = in.D.defined() ? in.D.data_ptr<T>()[d] : T(0);
-    bias = in.bias.defined() ? in.bias.data_ptr<T>()[d] : T(0);
+    u = in.u + row * L;
+    delta = in.delta + row * L;
+    A = in.A + d * N;
+    Bt = in.Bt + b * L * N;
+    Ct = in.Ct + b * L * N;
+    z = in.z ? in.z + row * L : nullptr;
+    h0 = in.h0 ? in.h0 + row * N : nullptr;
+    reset = in.reset ? in.reset + b * L : nullptr;
+    D = in.D ? in.D[d] : T(0);
+    bias = in.bias ? in.bias[d] : T(0);
   }
   T dt_raw(int64_t t) const { return delta[t] + bias; }
   T dt(int64_t t) const { return softplus ? ops::softplus(dt_raw(t)) : dt_raw(t); }
@@ -89,10 +101,13 @@ int64_t grain_for(const ScanDims& s) { return std::max<int64_t>(1, 32768 / (s.se
 template <typename T>
 SM_ALWAYS_INLINE void forward_rows(const ScanInputs& in, const ScanDims& s, bool softplus, const at::Tensor& y,
                                    const at::Tensor& final_state, int64_t begin, int64_t end) {
+  const ScanPointers<T> p(in);
+  T* const h_base = final_state.data_ptr<T>();
+  T* const y_base = y.data_ptr<T>();
   for (int64_t row = begin; row < end; ++row) {
-    const Row<T> r(in, s, row / s.dim, row % s.dim, softplus);
-    T* h = final_state.data_ptr<T>() + row * s.dstate;
-    T* out = y.data_ptr<T>() + row * s.seqlen;
+    const Row<T> r(p, s, row / s.dim, row % s.dim, softplus);
+    T* h = h_base + row * s.dstate;
+    T* out = y_base + row * s.seqlen;
     r.load_initial(h);
     for (int64_t t = 0; t < s.seqlen; ++t) {
       r.step(h, t);
@@ -142,12 +157,13 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
   const int64_t per_group = (Dn + groups - 1) / groups;
   const int64_t nchunks = (L + kChunk - 1) / kChunk;
   std::vector<T> checkpoints(nchunks * N), states(kChunk * N), dh(N), prev(N), h(N), a(N);
+  const ScanPointers<T> p(in);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / groups, g = task % groups;
     T* dB = o.dB_parts.data_ptr<T>() + (b * groups + g) * L * N;
     T* dC = o.dC_parts.data_ptr<T>() + (b * groups + g) * L * N;
     for (int64_t d = g * per_group; d < std::min(Dn, (g + 1) * per_group); ++d) {
-      const Row<T> r(in, s, b, d, softplus_);
+      const Row<T> r(p, s, b, d, softplus_);
       const int64_t row = b * Dn + d;
       const T* gyr = o.gy.data_ptr<T>() + row * L;
       T* du_r = o.du.data_ptr<T>() + row * L;
