@@ -21,18 +21,27 @@ struct DecodeTensors {
 template <typename T>
 SM_ALWAYS_INLINE void update_rows(const DecodeTensors& io, const ScanDims& s, bool dt_softplus, int64_t begin,
                                   int64_t end) {
+  // Base pointers once: data_ptr() checks dtype and storage on every call, which would cost more
+  // than a row's update.
   const int64_t N = s.dstate;
+  T* const h_base = io.h.data_ptr<T>();
+  const T *x = io.x.data_ptr<T>(), *dt = io.dt.data_ptr<T>(), *A = io.A.data_ptr<T>();
+  const T *B = io.B.data_ptr<T>(), *C = io.C.data_ptr<T>();
+  const T* D = io.D.defined() ? io.D.data_ptr<T>() : nullptr;
+  const T* z = io.z.defined() ? io.z.data_ptr<T>() : nullptr;
+  const T* bias = io.bias.defined() ? io.bias.data_ptr<T>() : nullptr;
+  const bool* resets = io.reset.defined() ? io.reset.data_ptr<bool>() : nullptr;
+  T* const y = io.y.data_ptr<T>();
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / s.dim, d = row % s.dim;
-    T* h = io.h.data_ptr<T>() + row * N;
-    const T u = io.x.data_ptr<T>()[row];
-    const T raw = io.dt.data_ptr<T>()[row] + (io.bias.defined() ? io.bias.data_ptr<T>()[d] : T(0));
+    T* h = h_base + row * N;
+    const T u = x[row];
+    const T raw = dt[row] + (bias ? bias[d] : T(0));
     const T dt_t = dt_softplus ? softplus(raw) : raw;
-    const bool reset = io.reset.defined() && io.reset.data_ptr<bool>()[b];
-    cpu::ssm_step(h, io.A.data_ptr<T>() + d * N, io.B.data_ptr<T>() + b * N, dt_t, u, reset, N);
-    T out = cpu::ssm_output(io.C.data_ptr<T>() + b * N, h, io.D.defined() ? io.D.data_ptr<T>()[d] : T(0), u, N);
-    if (io.z.defined()) out *= silu(io.z.data_ptr<T>()[row]);
-    io.y.data_ptr<T>()[row] = out;
+    cpu::ssm_step(h, A + d * N, B + b * N, dt_t, u, resets && resets[b], N);
+    T out = cpu::ssm_output(C + b * N, h, D ? D[d] : T(0), u, N);
+    if (z) out *= silu(z[row]);
+    y[row] = out;
   }
 }
 SM_CPU_CLONES void update_rows_f32(const DecodeTensors& io, const ScanDims& s, bool dt_softplus, int64_t begin,
