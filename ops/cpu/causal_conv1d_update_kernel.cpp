@@ -25,17 +25,23 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, const at::Tensor& conv_
   auto y = at::empty({s.batch, s.dim}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "causal_conv1d_update_cpu", [&] {
     using T = scalar_t;
+    // Base pointers once: data_ptr() checks dtype and storage on every call.
+    T* const state_base = st.data_ptr<T>();
+    const T *w_base = w_.data_ptr<T>(), *xs = x_.data_ptr<T>();
+    const T* biases = b_.defined() ? b_.data_ptr<T>() : nullptr;
+    const bool* resets = reset_.defined() ? reset_.data_ptr<bool>() : nullptr;
+    T* const ys = y.data_ptr<T>();
     at::parallel_for(0, s.batch * s.dim, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / s.dim, d = row % s.dim;
-        T* past = st.data_ptr<T>() + row * (W - 1);
-        const T* w = w_.data_ptr<T>() + d * W;
-        const T xt = x_.data_ptr<T>()[row];
-        if (reset_.defined() && reset_.data_ptr<bool>()[b]) std::fill(past, past + W - 1, T(0));
-        T out = b_.defined() ? b_.data_ptr<T>()[d] : T(0);
+        T* past = state_base + row * (W - 1);
+        const T* w = w_base + d * W;
+        const T xt = xs[row];
+        if (resets && resets[b]) std::fill(past, past + W - 1, T(0));
+        T out = biases ? biases[d] : T(0);
         for (int64_t k = 0; k < W - 1; ++k) out += w[k] * past[k];
         out += w[W - 1] * xt;
-        y.data_ptr<T>()[row] = silu ? ops::silu(out) : out;
+        ys[row] = silu ? ops::silu(out) : out;
         std::copy(past + 1, past + W - 1, past);
         past[W - 2] = xt;
       }
