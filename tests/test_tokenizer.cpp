@@ -12,6 +12,7 @@
 
 #include "mamba/tokenizer.h"
 #include "support/expect_error.h"
+#include "support/program.h"
 #include "support/tmpdir.h"
 
 namespace {
@@ -209,34 +210,13 @@ TEST(Tokenizer, EncodesMegabytesQuickly) {
 }
 
 // ---- statemamba-tokenize ----------------------------------------------------------------------
-// The program sits in the build folder, one level above this test's (build/tests/test_tokenizer).
-std::string program_path() {
-  char exe[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (n <= 0) return "";
-  std::string path(exe, n);
-  path = path.substr(0, path.rfind('/'));
-  return path.substr(0, path.rfind('/')) + "/statemamba-tokenize";
-}
-
-struct CommandResult {
-  int status;
-  std::string out;
-};
-CommandResult run_command(const std::string& command) {
-  CommandResult r{-1, ""};
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  if (!pipe) return r;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) r.out.append(buffer, n);
-  const int status = ::pclose(pipe);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+// Both streams together, as a user sees them.
+statemamba::test::ProgramResult run_command(const std::string& command) {
+  return statemamba::test::run_shell(command + " 2>&1");
 }
 
 TEST(TokenizeProgram, EncodesDecodesAndRefusesBadInput) {
-  const std::string program = program_path();
+  const std::string program = statemamba::test::program_path("tokenize");
   if (::access(program.c_str(), X_OK) != 0) GTEST_SKIP() << "no " << program << " (not built?)";
   const std::string file = data_dir() + "/tokenizer.json";
   const Tokenizer tok = Tokenizer::from_file(file);
@@ -244,7 +224,7 @@ TEST(TokenizeProgram, EncodesDecodesAndRefusesBadInput) {
   std::string ids_line;
   for (int64_t id : tok.encode(text)) ids_line += (ids_line.empty() ? "" : ",") + std::to_string(id);
 
-  CommandResult r = run_command("'" + program + "' -t '" + file + "' -i '" + text + "'");
+  auto r = run_command("'" + program + "' -t '" + file + "' -i '" + text + "'");
   EXPECT_EQ(r.status, 0) << r.out;
   EXPECT_EQ(r.out, ids_line + "\n");
   r = run_command("printf '%s' '" + text + "' | '" + program + "' -m '" + data_dir() + "'");

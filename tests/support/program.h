@@ -34,13 +34,8 @@ struct ProgramResult {
   std::string out, err;
 };
 
-// Runs the program with these arguments (no shell interpretation of them), capturing stdout and
-// stderr apart. `err_file` is a scratch path for stderr.
-inline ProgramResult run_program(const std::string& program, const std::vector<std::string>& args,
-                                 const std::string& err_file) {
-  std::string command = shell_quote(program);
-  for (const auto& a : args) command += " " + shell_quote(a);
-  command += " 2>" + shell_quote(err_file);
+// Runs a /bin/sh command line (pipes and redirections allowed), capturing its stdout.
+inline ProgramResult run_shell(const std::string& command) {
   ProgramResult r;
   FILE* pipe = ::popen(command.c_str(), "r");
   if (!pipe) return r;
@@ -49,6 +44,16 @@ inline ProgramResult run_program(const std::string& program, const std::vector<s
   while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) r.out.append(buffer, n);
   const int status = ::pclose(pipe);
   r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+// Runs the program with these arguments (no shell interpretation of them), capturing stdout and
+// stderr apart. `err_file` is a scratch path for stderr.
+inline ProgramResult run_program(const std::string& program, const std::vector<std::string>& args,
+                                 const std::string& err_file) {
+  std::string command = shell_quote(program);
+  for (const auto& a : args) command += " " + shell_quote(a);
+  ProgramResult r = run_shell(command + " 2>" + shell_quote(err_file));
   std::ifstream in(err_file, std::ios::binary);
   std::ostringstream s;
   s << in.rdbuf();
