@@ -7,5 +7,6 @@
 // A reset mask marks episode starts: where reset[b, t] is true, row b forgets everything before t.
 #include "ops/causal_conv1d.h"
 #include "ops/causal_conv1d_update.h"
+#include "ops/mamba_mixer_step.h"
 #include "ops/selective_scan.h"
 #include "ops/selective_state_update.h"
