@@ -20,6 +20,18 @@ struct ConvInputs {
   at::Tensor reset;   // [B, L] or undefined
 };
 
+// The inputs' base pointers, fetched once per call: data_ptr() checks dtype and storage each time,
+// which costs as much as a short row's conv (L = 1 in an RL rollout).
+template <typename T>
+struct RowPointers {
+  const T *x_ext, *weight, *bias;
+  const bool* reset;
+  explicit RowPointers(const ConvInputs& in)
+      : x_ext(in.x_ext.data_ptr<T>()), weight(in.weight.data_ptr<T>()),
+        bias(in.bias.defined() ? in.bias.data_ptr<T>() : nullptr),
+        reset(in.reset.defined() ? in.reset.data_ptr<bool>() : nullptr) {}
+};
+
 ConvInputs prepare(const ConvDims& s, const at::Tensor& x, const at::Tensor& weight,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& initial_state,
                    const std::optional<at::Tensor>& reset) {
@@ -56,22 +68,25 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_cpu(const at::Tensor& x, const 
   auto final_state = at::empty({s.batch, s.dim, W - 1}, x.options().dtype(s.state_dtype));
   AT_DISPATCH_FLOATING_TYPES(s.state_dtype, "causal_conv1d_cpu", [&] {
     using T = scalar_t;
+    const RowPointers<T> p(in);
+    T* const y_base = y.data_ptr<T>();
+    T* const fs_base = final_state.data_ptr<T>();
     at::parallel_for(0, s.batch * s.dim, grain_for(s), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> from(L);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / s.dim, d = row % s.dim;
-        const T* xe = in.x_ext.data_ptr<T>() + row * E;
-        const T* w = in.weight.data_ptr<T>() + d * W;
-        const T b0 = in.bias.defined() ? in.bias.data_ptr<T>()[d] : T(0);
-        visible_from(in.reset.defined() ? in.reset.data_ptr<bool>() + b * L : nullptr, L, W, from);
-        T* out = y.data_ptr<T>() + row * L;
+        const T* xe = p.x_ext + row * E;
+        const T* w = p.weight + d * W;
+        const T b0 = p.bias ? p.bias[d] : T(0);
+        visible_from(p.reset ? p.reset + b * L : nullptr, L, W, from);
+        T* out = y_base + row * L;
         for (int64_t t = 0; t < L; ++t) {
           T acc = b0;
           for (int64_t k = std::max<int64_t>(0, from[t] - t); k < W; ++k) acc += w[k] * xe[t + k];
           out[t] = silu ? ops::silu(acc) : acc;
         }
         // The next chunk sees the last W-1 inputs, minus those a reset in this chunk hid.
-        T* fs = final_state.data_ptr<T>() + row * (W - 1);
+        T* fs = fs_base + row * (W - 1);
         for (int64_t j = 0; j < W - 1; ++j) fs[j] = (L + j >= from[L - 1]) ? xe[L + j] : T(0);
       }
     });
@@ -101,18 +116,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backwar
   auto db_rows = at::zeros({s.batch, s.dim}, opts);
   AT_DISPATCH_FLOATING_TYPES(s.state_dtype, "causal_conv1d_backward_cpu", [&] {
     using T = scalar_t;
+    const RowPointers<T> p(in);
+    const T* const gy_base = gy.data_ptr<T>();
+    T* const dxe_base = dx_ext.data_ptr<T>();
+    T* const dw_base = dw_rows.data_ptr<T>();
+    T* const db_base = db_rows.data_ptr<T>();
+    const T* const gfinal_base = gfinal.defined() ? gfinal.data_ptr<T>() : nullptr;
     at::parallel_for(0, s.batch * s.dim, grain_for(s), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> from(L);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / s.dim, d = row % s.dim;
-        const T* xe = in.x_ext.data_ptr<T>() + row * E;
-        const T* w = in.weight.data_ptr<T>() + d * W;
-        const T b0 = in.bias.defined() ? in.bias.data_ptr<T>()[d] : T(0);
-        const T* g = gy.data_ptr<T>() + row * L;
-        T* dxe = dx_ext.data_ptr<T>() + row * E;
-        T* dw = dw_rows.data_ptr<T>() + row * W;
+        const T* xe = p.x_ext + row * E;
+        const T* w = p.weight + d * W;
+        const T b0 = p.bias ? p.bias[d] : T(0);
+        const T* g = gy_base + row * L;
+        T* dxe = dxe_base + row * E;
+        T* dw = dw_base + row * W;
         T db = 0;
-        visible_from(in.reset.defined() ? in.reset.data_ptr<bool>() + b * L : nullptr, L, W, from);
+        visible_from(p.reset ? p.reset + b * L : nullptr, L, W, from);
         for (int64_t t = 0; t < L; ++t) {
           const int64_t k0 = std::max<int64_t>(0, from[t] - t);
           T gpre = g[t];
@@ -128,11 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backwar
           }
         }
         if (gfinal.defined()) {
-          const T* gf = gfinal.data_ptr<T>() + row * (W - 1);
+          const T* gf = gfinal_base + row * (W - 1);
           for (int64_t j = 0; j < W - 1; ++j)
             if (L + j >= from[L - 1]) dxe[L + j] += gf[j];
         }
-        db_rows.data_ptr<T>()[row] = db;
+        db_base[row] = db;
       }
     });
   });
