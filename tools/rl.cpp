@@ -184,6 +184,8 @@ cxxopts::Options make_cli() {
        cxxopts::value<std::string>()->default_value("chunk"))
       ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start)",
        cxxopts::value<int64_t>()->default_value("1"))
+      ("eager-rollout", "on a GPU, launch the rollout step's kernels one by one instead of replaying a CUDA "
+       "graph of the step (for comparison: the chunks are the same, only slower)")
       ("accuracy-window", "graded answers that accuracy is the share of", cxxopts::value<int64_t>()->default_value("256"));
   cli.parse_positional({"horizons"});  // so that "--horizons 1000 5000" reads as a list
   return cli;
@@ -267,6 +269,7 @@ Config parse(const cxxopts::ParseResult& args) {
   p.max_grad_norm = in_range("max-grad-norm", 1e-6, 1e6);
   p.stepwise_replay = one_of("replay", {"step", "chunk"}) == "step";
   p.grad_chunks = positive("grad-chunks");
+  p.cuda_graph_rollout = args.count("eager-rollout") == 0;
   p.accuracy_window = positive("accuracy-window");
   p.seed = args["seed"].as<uint64_t>();
 
@@ -277,6 +280,8 @@ Config parse(const cxxopts::ParseResult& args) {
   c.decode_step = args.count("decode-step") > 0;
   if (c.decode_step && c.mode != "throughput") usage_error("--decode-step is for --mode throughput");
   if (c.cuda_graph && c.mode != "throughput") usage_error("--cuda-graph is for --mode throughput");
+  if (args.count("eager-rollout") && c.mode == "throughput")
+    usage_error("--eager-rollout is for PPO runs (--mode quick or scale); throughput mode steps eagerly unless --cuda-graph");
   c.total_updates = positive("total-updates");
   c.checkpoint_every = positive("checkpoint-every");
   c.out = args["out"].as<std::string>();
@@ -326,6 +331,7 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"max_grad_norm", p.max_grad_norm},
           {"replay", p.stepwise_replay ? "step" : "chunk"},
           {"grad_chunks", p.grad_chunks},
+          {"cuda_graph_rollout", p.cuda_graph_rollout && c.device.is_cuda()},  // what the run did: ignored on the CPU
           {"accuracy_window", p.accuracy_window},
           {"total_updates", c.total_updates},
           {"seed", p.seed},
