@@ -18,6 +18,13 @@ std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// W · x for x [batch, in, L] (any strides): [batch, out, L], plus bias [out] when defined. One
+// batched matmul with W broadcast over the batch (stride 0), which cuBLAS takes without a copy.
+at::Tensor project(const at::Tensor& W, const at::Tensor& bias, const at::Tensor& x) {
+  at::Tensor y = at::bmm(W.unsqueeze(0).expand({x.size(0), W.size(0), W.size(1)}), x);
+  return bias.defined() ? y + bias.view({1, -1, 1}) : y;
+}
+
 // The held state of the seed API, shared by the mixer (one layer) and the model (the stack).
 template <typename Held>  // std::optional<State>, const or not
 auto& held_state(Held& held, const char* who) {
@@ -86,13 +93,6 @@ void MambaImpl::reset() {
 
 at::ScalarType MambaImpl::state_dtype() const { return ops::state_dtype_for(in_proj->weight.scalar_type()); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> MambaImpl::dt_B_C(const at::Tensor& xc) const {
-  const int64_t dt_rank = options.resolved_dt_rank(), d_state = options.d_state();
-  const auto x_dbl = at::linear(xc, x_proj->weight);  // x_proj has no bias
-  const auto dt = at::linear(x_dbl.narrow(-1, 0, dt_rank), dt_proj->weight);
-  return {dt, x_dbl.narrow(-1, dt_rank, d_state), x_dbl.narrow(-1, dt_rank + d_state, d_state)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> MambaImpl::ssm_params() const {
   const auto t = state_dtype();
   return {-at::exp(A_log.to(t)), D.to(t), dt_proj->bias.to(t)};
@@ -105,20 +105,27 @@ at::Tensor MambaImpl::forward(const at::Tensor& x, MambaInferenceState* state, c
               "Mamba::forward: argument 'x' must have shape [batch, L, d_model] with d_model = ", options.d_model(),
               ", got ", x.sizes());
   if (state) state->validate_for(spec, x.size(0), x.device(), state_dtype());
-  const int64_t d_inner = options.d_inner();
-  // Channels first, as the ops take them: [batch, 2·d_inner, L] = (SSM input x; gate z).
-  const auto xz = in_proj->forward(x).transpose(1, 2);
-  const auto [xc, conv_state] =
-      ops::causal_conv1d(xz.narrow(1, 0, d_inner), conv1d->weight.squeeze(1), conv_bias(),
-                         state ? maybe(state->conv_state) : std::nullopt, reset, /*silu=*/true);
-  const auto [dt, B, C] = dt_B_C(xc.transpose(1, 2));
+  const int64_t d_inner = options.d_inner(), dt_rank = options.resolved_dt_rank(), d_state = options.d_state();
+  // Channels first, [batch, channels, L], as the ops take them: every projection is W · x, a
+  // batched matmul with the weight broadcast, which yields that layout without a transpose.
+  const auto xT = x.transpose(1, 2);
+  const auto& w_in = in_proj->weight;
+  const auto& b_in = in_proj->bias;
+  const auto u = project(w_in.narrow(0, 0, d_inner), b_in.defined() ? b_in.narrow(0, 0, d_inner) : b_in, xT);
+  const auto z = project(w_in.narrow(0, d_inner, d_inner), b_in.defined() ? b_in.narrow(0, d_inner, d_inner) : b_in, xT);
+  const auto [xc, conv_state] = ops::causal_conv1d(u, conv1d->weight.squeeze(1), conv_bias(),
+                                                   state ? maybe(state->conv_state) : std::nullopt, reset,
+                                                   /*silu=*/true);
+  const auto x_dbl = project(x_proj->weight, {}, xc);                        // [batch, dt_rank + 2N, L]
+  const auto dt = project(dt_proj->weight, {}, x_dbl.narrow(1, 0, dt_rank));  // its bias goes to the scan
   const auto [A, D_, dt_bias] = ssm_params();
   const auto [y, ssm_state] =
-      ops::selective_scan(xc, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D_,
-                          xz.narrow(1, d_inner, d_inner), dt_bias, /*delta_softplus=*/true,
-                          state ? maybe(state->ssm_state) : std::nullopt, reset);
+      ops::selective_scan(xc, dt, A, x_dbl.narrow(1, dt_rank, d_state), x_dbl.narrow(1, dt_rank + d_state, d_state),
+                          D_, z, dt_bias, /*delta_softplus=*/true, state ? maybe(state->ssm_state) : std::nullopt,
+                          reset);
   if (state) *state = {conv_state, ssm_state};
-  return out_proj->forward(y.transpose(1, 2));
+  // [batch, L, d_model], a view of channels-first memory (the next block's norm reads it as is).
+  return project(out_proj->weight, out_proj->bias, y).transpose(1, 2);
 }
 
 at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, const OptionalMask& reset) {
@@ -155,11 +162,13 @@ void MambaBlockImpl::reset() {
 }
 
 std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::pre_norm(const at::Tensor& hidden, const at::Tensor& residual) {
-  at::Tensor r = residual.defined() ? hidden + residual : hidden;
-  at::Tensor h = norm->forward(r.to(norm->weight.scalar_type()));
+  const auto promoted =
+      residual.defined() ? at::promote_types(hidden.scalar_type(), residual.scalar_type()) : hidden.scalar_type();
   // "fp32" means at least fp32: a float64 model keeps its residual in float64.
-  if (options.residual_in_fp32() && r.scalar_type() != at::kDouble) r = r.to(at::kFloat);
-  return {h, r};
+  const auto residual_dtype = options.residual_in_fp32() && promoted != at::kDouble ? at::kFloat : promoted;
+  if (norm->rms) return ops::add_rms_norm(hidden, maybe(residual), norm->weight, norm->eps, residual_dtype);
+  const at::Tensor r = residual.defined() ? hidden + residual : hidden;
+  return {norm->forward(r.to(norm->weight.scalar_type())), r.to(residual_dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::forward(const at::Tensor& hidden, const at::Tensor& residual,
@@ -208,6 +217,7 @@ void MambaModelImpl::check_state(const MambaStackState& state, const at::Tensor&
 }
 
 at::Tensor MambaModelImpl::final_norm(const at::Tensor& hidden, const at::Tensor& residual) {
+  if (norm_f->rms) return std::get<0>(ops::add_rms_norm(hidden, maybe(residual), norm_f->weight, norm_f->eps));
   const at::Tensor r = residual.defined() ? hidden + residual : hidden;
   return norm_f->forward(r.to(norm_f->weight.scalar_type()));
 }
@@ -217,6 +227,9 @@ at::Tensor MambaModelImpl::forward(const at::Tensor& input_ids, MambaStackState*
               input_ids.sizes());
   if (state) check_state(*state, input_ids);
   at::Tensor hidden = embeddings->forward(input_ids), residual;
+  // Into channels-first memory, as every mixer's output is, so that each block's norm reads its
+  // inputs in one layout without copying the residual stream.
+  if (input_ids.size(1) > 1) hidden = hidden.transpose(1, 2).contiguous().transpose(1, 2);
   for (int64_t i = 0; i < options.n_layer(); ++i)
     std::tie(hidden, residual) = layer(i)->forward(hidden, residual, state ? &state->layers[i] : nullptr, reset);
   if (state) state->tokens += input_ids.size(1);

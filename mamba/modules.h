@@ -87,9 +87,6 @@ class MambaImpl : public torch::nn::Cloneable<MambaImpl> {
   at::Tensor D;                       // [d_inner]
 
  private:
-  // Δ, B, C from the conv output xc [..., d_inner]: x_proj, split, then Δ's low-rank projection
-  // (its bias goes to the ops as delta_bias).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> dt_B_C(const at::Tensor& xc) const;
   // A, D and Δ's bias in the ops' parameter dtype.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> ssm_params() const;
   std::optional<at::Tensor> conv_bias() const;

@@ -1,5 +1,6 @@
 #include "ops/args.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <sstream>
@@ -181,6 +182,65 @@ ConvDims check_causal_conv1d_update_args(const at::Tensor& x, const at::Tensor& 
   c.state("conv_state", conv_state, {batch, dim, W - 1}, "[batch, d_inner, width-1]", sd);
   if (reset) c.mask("reset", *reset, {batch}, "[batch]");
   return {batch, dim, W, 1, sd};
+}
+
+namespace {
+bool channel_major_3d(const at::Tensor& t) {
+  return t.dim() == 3 && t.size(1) > 1 && t.stride(1) == 1 && t.stride(2) == t.size(1) &&
+         t.stride(0) == t.size(1) * t.size(2);
+}
+bool rows_contiguous(const at::Tensor& t) { return t.is_contiguous(); }
+}  // namespace
+
+NormIO prepare_add_rms_norm(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
+                            const at::Tensor& weight, double eps, std::optional<at::ScalarType> residual_dtype,
+                            bool allocate) {
+  const char* op = "add_rms_norm";
+  Checker c{op, hidden};
+  c.defined("hidden", hidden);
+  TORCH_CHECK(hidden.dim() >= 1 && hidden.numel() > 0, op, ": argument 'hidden' must be a non-empty [..., C] tensor, got ",
+              shape_str(hidden.sizes()));
+  c.floating("hidden", hidden);
+  const int64_t C = hidden.size(-1);
+  c.defined("weight", weight);
+  c.shape("weight", weight, {C}, "[C] (C = hidden.size(-1))");
+  c.device("weight", weight);
+  c.floating("weight", weight);
+  const bool has_res = residual && residual->defined();
+  if (has_res) {
+    c.shape("residual", *residual, hidden.sizes().vec(), "hidden's shape");
+    c.device("residual", *residual);
+    c.floating("residual", *residual);
+  }
+  TORCH_CHECK(eps >= 0 && eps < 1, op, ": argument 'eps' must be in [0, 1), got ", eps);
+  NormIO io;
+  io.promoted = has_res ? at::promote_types(hidden.scalar_type(), residual->scalar_type()) : hidden.scalar_type();
+  const at::ScalarType out_res = residual_dtype.value_or(io.promoted);
+  TORCH_CHECK(out_res == at::kFloat || out_res == at::kDouble || out_res == at::kHalf || out_res == at::kBFloat16, op,
+              ": argument 'residual_dtype' must be float32, float64, float16 or bfloat16, got ", out_res);
+  io.use_double = hidden.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble ||
+                  (has_res && residual->scalar_type() == at::kDouble);
+  io.channels = C;
+  io.rows = hidden.numel() / C;
+  io.channel_major = channel_major_3d(hidden);
+  io.length = io.channel_major ? hidden.size(1) : 1;
+  io.hidden = io.channel_major || rows_contiguous(hidden) ? hidden : hidden.contiguous();
+  if (has_res) {
+    const at::Tensor& r = *residual;
+    io.residual = io.channel_major ? (r.strides() == hidden.strides() ? r : r.transpose(1, 2).contiguous().transpose(1, 2))
+                                   : r.contiguous();
+  }
+  io.weight = weight.contiguous();
+  if (allocate) {
+    auto make = [&](at::ScalarType dt) {
+      const auto opts = hidden.options().dtype(dt);
+      if (!io.channel_major) return at::empty(hidden.sizes(), opts);
+      return at::empty({hidden.size(0), C, hidden.size(1)}, opts).transpose(1, 2);
+    };
+    io.normed = make(weight.scalar_type());
+    io.residual_out = make(out_res);
+  }
+  return io;
 }
 
 }  // namespace statemamba::ops

@@ -39,6 +39,23 @@ ConvDims check_causal_conv1d_update_args(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                          const std::optional<at::Tensor>& reset);
 
+// add_rms_norm's arguments checked, and its tensors in one of the two layouts the kernels take:
+// row-major rows (hidden viewed as [rows, C], channels contiguous) or channel-major [B, L, C] views
+// of [B, C, L] memory (hidden.stride() == [C·L, 1, L]). Residual follows hidden's layout (copied
+// when it does not); other layouts become row-major copies. The outputs are allocated in the
+// chosen layout with hidden's shape.
+struct NormIO {
+  at::Tensor hidden, residual, weight;  // residual undefined when absent
+  at::Tensor normed, residual_out;
+  int64_t rows, channels, length;  // length: L of the channel-major layout (1 when row-major)
+  bool channel_major;
+  at::ScalarType promoted;  // dtype of hidden + residual, before the cast to residual_out
+  bool use_double;          // arithmetic in float64 (an input is float64)
+};
+NormIO prepare_add_rms_norm(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
+                            const at::Tensor& weight, double eps, std::optional<at::ScalarType> residual_dtype,
+                            bool allocate = true);
+
 // The state dtype for inputs of dtype t: float64 stays, everything else accumulates in float32.
 inline at::ScalarType state_dtype_for(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -487,4 +487,70 @@ TEST(CudaArgs, MixedDevicesAreRejected) {
   EXPECT_THROW(cc.run(), c10::Error);
 }
 
+// ---- add_rms_norm --------------------------------------------------------------------------------
+
+at::Tensor channel_major(const at::Tensor& t) { return t.transpose(1, 2).contiguous().transpose(1, 2); }
+
+double rel_err(const at::Tensor& a, const at::Tensor& ref) {
+  const auto d = a.cpu().to(at::kDouble) - ref.cpu().to(at::kDouble);
+  return (d.norm() / ref.cpu().to(at::kDouble).norm().clamp_min(1e-300)).item<double>();
+}
+
+TEST(CudaAddRmsNorm, MatchesCpuInBothLayouts) {
+  SKIP_WITHOUT_CUDA();
+  struct Case { at::ScalarType hidden, residual, weight; double tol; };
+  for (const Case k : {Case{at::kBFloat16, at::kFloat, at::kBFloat16, 1e-2}, Case{at::kFloat, at::kFloat, at::kFloat, 1e-5},
+                       Case{at::kHalf, at::kHalf, at::kHalf, 2e-3}, Case{at::kDouble, at::kDouble, at::kDouble, 1e-12}}) {
+    for (int64_t C : {77, 768, 2560}) {  // 2560 > 1024: the row kernel's streaming path
+      for (bool cm : {false, true}) {
+        SCOPED_TRACE(std::string(c10::toString(k.hidden)) + " C=" + std::to_string(C) + (cm ? " channel-major" : " row-major"));
+        torch::manual_seed(C);
+        at::Tensor h = torch::randn({3, 37, C}).to(k.hidden), r = torch::randn({3, 37, C}).to(k.residual);
+        if (cm) h = channel_major(h), r = channel_major(r);
+        const at::Tensor w = torch::rand({C}).add(0.5).to(k.weight);
+        const auto [n_cpu, r_cpu] = ops::add_rms_norm(h, r, w, 1e-5, at::kFloat);
+        const auto [n_gpu, r_gpu] = ops::add_rms_norm(h.to(kCuda), r.to(kCuda), w.to(kCuda), 1e-5, at::kFloat);
+        EXPECT_EQ(n_gpu.strides(), n_cpu.strides());
+        EXPECT_TRUE(torch::equal(r_gpu.cpu(), r_cpu));  // a sum and a cast: the same bits
+        EXPECT_LT(rel_err(n_gpu, n_cpu), k.tol);
+      }
+    }
+  }
+}
+
+TEST(CudaAddRmsNorm, LayoutsAndBatchAgreeBitForBit) {
+  SKIP_WITHOUT_CUDA();
+  torch::manual_seed(5);
+  const int64_t B = 4, L = 300, C = 768;
+  const at::Tensor h = torch::randn({B, L, C}, torch::TensorOptions(kCuda)).to(at::kBFloat16);
+  const at::Tensor r = torch::randn({B, L, C}, torch::TensorOptions(kCuda));
+  const at::Tensor w = torch::rand({C}, torch::TensorOptions(kCuda)).add(0.5).to(at::kBFloat16);
+  // The warp-per-row kernel (row-major) and the thread-per-position kernel (channel-major).
+  const auto [n_row, r_row] = ops::add_rms_norm(h, r, w, 1e-5, at::kFloat);
+  const auto [n_cm, r_cm] = ops::add_rms_norm(channel_major(h), channel_major(r), w, 1e-5, at::kFloat);
+  EXPECT_TRUE(torch::equal(n_cm.contiguous(), n_row));
+  EXPECT_TRUE(torch::equal(r_cm.contiguous(), r_row));
+  // A decode step's rows ([B, C]) equal the sequence's rows at that position.
+  const auto [n_step, r_step] = ops::add_rms_norm(h.select(1, 123), r.select(1, 123), w, 1e-5, at::kFloat);
+  EXPECT_TRUE(torch::equal(n_step, n_row.select(1, 123)));
+  EXPECT_TRUE(torch::equal(r_step, r_row.select(1, 123)));
+}
+
+TEST(CudaAddRmsNorm, BackwardMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  torch::manual_seed(6);
+  const int64_t C = 96;
+  const at::Tensor h = channel_major(torch::randn({2, 11, C})), r = torch::randn({2, 11, C});
+  const at::Tensor w = torch::rand({C}).add(0.5), gn = torch::randn({2, 11, C}), gr = torch::randn({2, 11, C});
+  auto grads = [&](at::Device dev) {
+    at::Tensor hh = h.to(dev).detach().requires_grad_(), rr = r.to(dev).detach().requires_grad_();
+    at::Tensor ww = w.to(dev).detach().requires_grad_();
+    const auto [n, ro] = ops::add_rms_norm(hh, rr, ww, 1e-5, at::kFloat);
+    ((n * gn.to(dev)).sum() + (ro * gr.to(dev)).sum()).backward();
+    return std::vector<at::Tensor>{hh.grad().cpu(), rr.grad().cpu(), ww.grad().cpu()};
+  };
+  const auto cpu = grads(at::kCPU), gpu = grads(kCuda);
+  for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(gpu[i], cpu[i]), 1e-5) << "gradient " << i;
+}
+
 }  // namespace
