@@ -271,7 +271,8 @@ void record(at::Tensor& chunk, const at::Tensor& value, const at::Tensor& step, 
   chunk.index_copy_(0, step, value.unsqueeze(0));
 }
 
-// The rollout's kernels run asynchronously on a GPU: wait for them, so that their time is counted.
+// Waits for the device's work: timing the rollout's kernels rather than their launch, or letting
+// replays in flight finish before their graph goes.
 void synchronize(at::Device device) {
 #ifdef STATEMAMBA_WITH_CUDA
   if (device.is_cuda()) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
@@ -280,6 +281,12 @@ void synchronize(at::Device device) {
 #endif
 }
 }  // namespace
+
+void PPOTrainer::drop_graph() {
+  if (!graph_) return;
+  synchronize(env_->device());
+  graph_.reset();
+}
 
 // collect_eager's step, kernel for kernel (same calls, same shapes), on the graph's tensors.
 void PPOTrainer::graph_step(StepGraph& g) {
@@ -378,7 +385,7 @@ void PPOTrainer::capture_step() {
 Rollout PPOTrainer::collect_graph() {
   torch::NoGradGuard no_grad;
   if (graph_ && (graph_->inputs != step_inputs(policy_, *env_) || graph_->training != policy_->is_training()))
-    graph_.reset();
+    drop_graph();
   if (!graph_) capture_step();
   StepGraph& g = *graph_;
   const int64_t T = options_.rollout_len, n = group_size_, N = env_->num_envs();
@@ -556,7 +563,7 @@ void PPOTrainer::save(const std::string& path) const {
 
 void PPOTrainer::load(const std::string& path) {
   // The captured step read the tensors and generators that loading replaces: capture afresh.
-  graph_.reset();
+  drop_graph();
   torch::serialize::InputArchive root, policy, optimizer, env, stats;
   try {
     root.load_from(path, env_->device());

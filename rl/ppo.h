@@ -157,6 +157,7 @@ class PPOTrainer {
   Rollout collect_eager();
   Rollout collect_graph();
   void capture_step();
+  void drop_graph();  // after the replays in flight
   void graph_step(StepGraph& g);
   void train(const Rollout& r, UpdateStats& stats);
   RecurrentState replay_start(const Rollout& r, int64_t group);
