@@ -4,8 +4,8 @@
 // Dtypes are run-time codes (one kernel per layout, not one per dtype combination). A row's sum of
 // squares is taken in a fixed order on every backend and layout: 32 interleaved partial sums
 // (partial j over channels c ≡ j mod 32), combined as a warp's xor butterfly combines its lanes.
-// So the CUDA row-major kernel (a warp per row) and channel-major kernel (a thread per row) agree
-// bit for bit, and a row's result never depends on the batch or on the layout.
+// The CUDA kernels accumulate with fused multiply-adds, the CPU one without, so each backend's
+// layouts and batch sizes agree bit for bit, and CPU and CUDA agree to rounding.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -13,12 +13,6 @@
 
 #include "ops/args.h"
 #include "ops/math.h"
-
-#if defined(__CUDACC__)
-#define SM_UNROLL _Pragma("unroll")
-#else
-#define SM_UNROLL
-#endif
 
 namespace statemamba::ops {
 
@@ -86,37 +80,22 @@ template <typename S> SM_HD S inverse_rms(const NormRow& a, S sum_sq) {
   return S(1) / sqrt(sum_sq / S(a.channels) + S(a.eps));
 }
 
-// The whole row by one thread: writes residual_out and normed. Channels go in chunks of 32 whose
-// loads all come before the chunk's stores, so a GPU thread waits on memory once per chunk.
-template <typename S> SM_HD void norm_row_serial(const NormRow& a, int64_t row) {
-  S p[kNormLanes], v[kNormLanes];
-  for (int j = 0; j < kNormLanes; ++j) p[j] = S(0);
+// The whole row by one thread (the CPU kernel): writes residual_out and normed.
+template <typename S> void norm_row_serial(const NormRow& a, int64_t row) {
+  S p[kNormLanes] = {};
   const int64_t C = a.channels;
-  for (int64_t c0 = 0; c0 < C; c0 += kNormLanes) {
-    const int n = C - c0 < kNormLanes ? int(C - c0) : kNormLanes;
-SM_UNROLL
-    for (int j = 0; j < kNormLanes; ++j)
-      if (j < n) v[j] = a.sum_at<S>(a.offset(row, c0 + j));
-SM_UNROLL
-    for (int j = 0; j < kNormLanes; ++j)
-      if (j < n) {
-        store_as(a.residual_out, a.offset(row, c0 + j), a.residual_out_dt, v[j]);
-        const S x = round_to(a.weight_dt, v[j]);
-        p[j] = p[j] + x * x;
-      }
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t o = a.offset(row, c);
+    const S r = a.sum_at<S>(o);
+    store_as(a.residual_out, o, a.residual_out_dt, r);
+    const S x = round_to(a.weight_dt, r);
+    p[c % kNormLanes] += x * x;
   }
   const S inv = inverse_rms(a, butterfly_total(p));
-  for (int64_t c0 = 0; c0 < C; c0 += kNormLanes) {
-    const int n = C - c0 < kNormLanes ? int(C - c0) : kNormLanes;
-SM_UNROLL
-    for (int j = 0; j < kNormLanes; ++j)
-      if (j < n) v[j] = round_to(a.weight_dt, a.sum_at<S>(a.offset(row, c0 + j)));
-SM_UNROLL
-    for (int j = 0; j < kNormLanes; ++j)
-      if (j < n) {
-        const int64_t c = c0 + j;
-        store_as(a.normed, a.offset(row, c), a.weight_dt, v[j] * inv * load_as<S>(a.weight, c, a.weight_dt));
-      }
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t o = a.offset(row, c);
+    const S x = round_to(a.weight_dt, a.sum_at<S>(o));
+    store_as(a.normed, o, a.weight_dt, x * inv * load_as<S>(a.weight, c, a.weight_dt));
   }
 }
 

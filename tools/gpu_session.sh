@@ -9,8 +9,11 @@
 #
 #   tools/gpu_session.sh "$OUT"            # on the GPU machine, from the repository root
 #   tools/gpu_session.sh --dry-run [OUT]   # print each step's command without running it
+#   GPU_SESSION_BIN=build-carry tools/gpu_session.sh "$OUT"   # no build: the programs that
+#                                          # tools/carry_build.sh packed here and the call carried
 # Environment: GPU_SESSION_BUDGET_S (seconds for everything, default 450), GPU_SESSION_JOBS
-# (build jobs, default 16).
+# (build jobs, default 16), GPU_SESSION_BIN (prebuilt programs, see above), GPU_SESSION_OPS_BENCH=0
+# (skip the op benchmark).
 set -uo pipefail  # no -e: a failing step is recorded and the session goes on
 
 dry_run=0
@@ -25,6 +28,14 @@ cd "$root" || exit 2
 mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 build=$root/build-gpu
+prebuilt=${GPU_SESSION_BIN:-}
+if [ -n "$prebuilt" ]; then
+  prebuilt=$(cd "$prebuilt" && pwd) || exit 2
+  torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")' 2>/dev/null)
+  export LD_LIBRARY_PATH=$torch_lib:$prebuilt:${LD_LIBRARY_PATH:-}
+fi
+bin_dir=${prebuilt:-$build}          # statemamba-bench
+tests_dir=${prebuilt:-$build/tests}  # the test programs
 work=$build/gpu_session  # intermediate files; only the three above go to $out
 mkdir -p "$work"
 rm -f "$work"/*
@@ -94,18 +105,22 @@ cmake_args=(-S "$root" -B "$build" -G Ninja -Wno-dev -DCMAKE_BUILD_TYPE=Release
   -DCMAKE_PREFIX_PATH="$torch_prefix" -DPython3_EXECUTABLE="$(command -v python3)"
   -DSTATEMAMBA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90)
 [ -x /usr/local/cuda/bin/nvcc ] && cmake_args+=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
-step configure 120 "$work/configure.log" cmake "${cmake_args[@]}"
-cuda_tests=(test_cuda_ops test_cuda_graph_decoder test_cuda_mixer_step)
-# -k 0: a target that fails to build leaves the others building.
-step build 330 "$work/build.log" cmake --build "$build" -j "$jobs" --target statemamba statemamba-bench \
-  "${cuda_tests[@]}" -- -k 0
-if [ $dry_run = 0 ]; then grep -E "error|FAILED" "$work/build.log" | head -20 >>"$summary"; fi
+cuda_tests=(test_cuda_ops test_cuda_graph_decoder test_cuda_mixer_step test_cuda_rl)
+if [ -n "$prebuilt" ]; then
+  note "prebuilt programs from $prebuilt ($(cat "$prebuilt/COMMIT" 2>/dev/null)); no build"
+else
+  step configure 120 "$work/configure.log" cmake "${cmake_args[@]}"
+  # -k 0: a target that fails to build leaves the others building.
+  step build 330 "$work/build.log" cmake --build "$build" -j "$jobs" --target statemamba statemamba-bench \
+    statemamba-rl "${cuda_tests[@]}" -- -k 0
+  if [ $dry_run = 0 ]; then grep -E "error|FAILED" "$work/build.log" | head -20 >>"$summary"; fi
+fi
 
 # ---- tests (the three programs at once; each ctest case would be a process of its own) -------------
 test_pids=()
 for t in "${cuda_tests[@]}"; do
-  if [ $dry_run = 1 ] || [ -x "$build/tests/$t" ]; then
-    STEP_IN_BACKGROUND=1 step "test $t" 150 "$work/$t.log" "$build/tests/$t" --gtest_brief=1 &
+  if [ $dry_run = 1 ] || [ -x "$tests_dir/$t" ]; then
+    STEP_IN_BACKGROUND=1 step "test $t" 150 "$work/$t.log" "$tests_dir/$t" --gtest_brief=1 &
     test_pids+=($!)
   else
     note "$(printf '%-28s NOT BUILT' "test $t")"
@@ -121,7 +136,7 @@ if [ $dry_run = 0 ]; then
 fi
 
 # ---- model benchmark (the issue's model figures) ----------------------------------------------------
-bench=$build/statemamba-bench
+bench=$bin_dir/statemamba-bench
 step "bench model bf16" 120 "$work/bench_model.json" \
   "$bench" --model --device cuda --dtype bfloat16 --prefill-batch 8 --prompt-length 2048 \
   --decode-batches 1,64 --decode-steps 64 --graphs -r 5
@@ -131,12 +146,12 @@ step "bench model bf16" 120 "$work/bench_model.json" \
 memcheck() {
   local rc=0 prog filter
   for spec in \
-    "test_cuda_ops|CudaDecode.*:CudaScanResets.*:CudaConvResets.*:CudaScanChunking.*:CudaConvChunking.*" \
+    "test_cuda_ops|CudaDecode.*:CudaScanResets.*:CudaConvResets.*:CudaScanChunking.*:CudaConvChunking.*:CudaAddRmsNorm.*" \
     "test_cuda_mixer_step|*MixerStepCuda.*/bf16:MixerStepCudaOnly.*" \
     "test_cuda_graph_decoder|*StateRoundTrips*/bf16:CudaGraphDecoder.RejectsBadArguments"; do
     prog=${spec%%|*} filter=${spec#*|}
     echo "--- memcheck $prog --gtest_filter='$filter'"
-    timeout 45 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/$prog" --gtest_brief=1 \
+    timeout 45 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests_dir/$prog" --gtest_brief=1 \
       --gtest_filter="$filter" || rc=$?
   done
   return $rc
@@ -145,14 +160,18 @@ if [ $dry_run = 1 ]; then
   note "$(printf '%-28s would run: compute-sanitizer memcheck on test_cuda_ops, test_cuda_mixer_step, test_cuda_graph_decoder (filtered)' memcheck)"
 else
   export -f memcheck
-  export build
+  export tests_dir
   step memcheck 150 "$work/memcheck.log" bash -c memcheck
   grep -E "^--- memcheck|ERROR SUMMARY|^\[  (PASSED|FAILED) " "$work/memcheck.log" | head -20 | sed 's/^/  /' >>"$summary"
 fi
 
 # ---- op benchmark (BENCHMARKS.md's command) ----------------------------------------------------------
-step "bench ops" 120 "$work/bench_ops.json" \
-  "$bench" --device cuda --dtype float32 --dtype bfloat16 -b 8 -d 1536 -l 2048 -n 16 --decode-batch 64 -r 15
+if [ "${GPU_SESSION_OPS_BENCH:-1}" = 1 ]; then
+  step "bench ops" 120 "$work/bench_ops.json" \
+    "$bench" --device cuda --dtype float32 --dtype bfloat16 -b 8 -d 1536 -l 2048 -n 16 --decode-batch 64 -r 15
+else
+  note "bench ops: skipped (GPU_SESSION_OPS_BENCH=0)"
+fi
 
 # ---- bundle the benchmarks and print the tables ----------------------------------------------------
 if [ $dry_run = 0 ]; then

@@ -182,7 +182,8 @@ cxxopts::Options make_cli() {
       ("replay", "how the update replays a chunk: chunk (one pass, ~3x faster on CPU; logits equal the "
        "rollout's to rounding) or step (one step at a time; bit-exact, the PPO ratio is exactly 1)",
        cxxopts::value<std::string>()->default_value("chunk"))
-      ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start)",
+      ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start; 0: enough "
+       "to reach back from any query to its episode's start, ceil((horizon + 2) / rollout-len) + 1, per horizon)",
        cxxopts::value<int64_t>()->default_value("1"))
       ("eager-rollout", "on a GPU, launch the rollout step's kernels one by one instead of replaying a CUDA "
        "graph of the step (for comparison: the chunks are the same, only slower)")
@@ -268,7 +269,8 @@ Config parse(const cxxopts::ParseResult& args) {
   p.entropy_coef = in_range("entropy-coef", 0, 1e3);
   p.max_grad_norm = in_range("max-grad-norm", 1e-6, 1e6);
   p.stepwise_replay = one_of("replay", {"step", "chunk"}) == "step";
-  p.grad_chunks = positive("grad-chunks");
+  p.grad_chunks = args["grad-chunks"].as<int64_t>();  // 0: per horizon, in train()
+  if (p.grad_chunks < 0) usage_error("--grad-chunks must be 0 (automatic) or positive, got " + std::to_string(p.grad_chunks));
   p.cuda_graph_rollout = args.count("eager-rollout") == 0;
   p.accuracy_window = positive("accuracy-window");
   p.seed = args["seed"].as<uint64_t>();
@@ -390,10 +392,11 @@ void write_metrics(const Config& c, const RunResult& r) {
   write_file(c.out + "/" + r.name + ".json", doc.dump(1) + "\n");
 }
 
-double best_accuracy(const RunResult& r) {
+// The best accuracy over a full window of answers (a few early answers are no measure).
+double best_accuracy(const Config& c, const RunResult& r) {
   double best = std::numeric_limits<double>::quiet_NaN();
   for (const auto& s : r.history)
-    if (!std::isnan(s.accuracy) && !(s.accuracy <= best)) best = s.accuracy;
+    if (s.answers >= c.ppo.accuracy_window && !std::isnan(s.accuracy) && !(s.accuracy <= best)) best = s.accuracy;
   return best;
 }
 
@@ -428,9 +431,9 @@ void write_table(const Config& c, const std::vector<RunResult>& runs) {
     const rl::UpdateStats last = r.history.empty() ? rl::UpdateStats() : r.history.back();
     const double sps = seconds > 0 ? last.env_steps / seconds : 0;
     md << "| " << r.controller << " | " << r.horizon << " | " << fixed(last.accuracy, 3) << " | "
-       << fixed(best_accuracy(r), 3) << " | " << last.update << " | " << last.env_steps << " | " << duration(seconds)
+       << fixed(best_accuracy(c, r), 3) << " | " << last.update << " | " << last.env_steps << " | " << duration(seconds)
        << " | " << rate(sps) << " |\n";
-    csv << r.controller << "," << r.horizon << "," << fixed(last.accuracy, 4) << "," << fixed(best_accuracy(r), 4)
+    csv << r.controller << "," << r.horizon << "," << fixed(last.accuracy, 4) << "," << fixed(best_accuracy(c, r), 4)
         << "," << last.update << "," << last.env_steps << "," << fixed(seconds, 1) << "," << fixed(sps, 1) << "\n";
   }
   write_file(c.out + "/results.md", md.str());
@@ -449,7 +452,9 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   auto env = rl::make_env(env_options, c.device, c.ppo.seed);
   auto policy = rl::make_policy(policy_options, env->obs_dim(), env->num_actions());
   const std::string env_name = env->name(), policy_name = policy->describe();
-  rl::PPOTrainer trainer(std::move(env), policy, c.ppo);
+  rl::PPOOptions ppo = c.ppo;
+  if (ppo.grad_chunks == 0) ppo.grad_chunks = (horizon + 2 + ppo.rollout_len - 1) / ppo.rollout_len + 1;
+  rl::PPOTrainer trainer(std::move(env), policy, ppo);
 
   const std::string checkpoint = c.out + "/checkpoint-" + result.name + ".pt";
   if (c.resume && file_exists(checkpoint)) {
@@ -584,7 +589,7 @@ int main(int argc, char** argv) {
     double seconds = 0;
     for (const auto& s : r.history) seconds += s.seconds;
     const rl::UpdateStats last = r.history.empty() ? rl::UpdateStats() : r.history.back();
-    std::cout << r.name << ": accuracy " << fixed(last.accuracy, 3) << " (best " << fixed(best_accuracy(r), 3)
+    std::cout << r.name << ": accuracy " << fixed(last.accuracy, 3) << " (best " << fixed(best_accuracy(c, r), 3)
               << ") after " << last.update << " updates, " << last.env_steps << " env steps, " << duration(seconds)
               << "  [" << c.out << "/" << r.name << ".csv]\n";
   }

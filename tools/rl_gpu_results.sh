@@ -1,89 +1,89 @@
 #!/usr/bin/env bash
-# The RL results on a GPU machine, in about four minutes, for BENCHMARKS.md and the README:
-#   1. rollout throughput at 1024 environments, Mamba and GRU, with and without a CUDA graph (JSON)
-#   2. quick runs of both controllers on 4 bits at H = 1000 (as many updates as fit, up to 200)
-#   3. a reduced scale sweep (H = 5000 and 20000, both controllers, a few updates each)
-# Mamba gets the most time: on CPU, 4 bits at H = 16 took 166 updates of 64 envs to reach 0.8.
-# Every run is bounded twice: the program's own --time-limit (it then writes its metrics, plot and
-# checkpoint and exits normally) and `timeout` around it (SIGINT, which also saves, then KILL).
+# The RL results on a GPU machine for BENCHMARKS.md and the README, in one call of about eight minutes:
+#   1. rollout throughput at 1024 environments, Mamba and GRU, eager and CUDA graph (JSON)
+#   2. the seed expectation: both controllers on 4 bits at H = 1000, 200 updates
+#   3. the scale sweep: 4 bits, 64 envs, H = 1000 5000 10000 20000, both controllers, 200 updates
+# The ten training runs go at once, one process each (small policies leave the GPU mostly idle, so
+# they share it well); each is bounded by its own --time-limit (it then saves its metrics, plot
+# and checkpoint and exits normally) and by `timeout` around it. The sweep's runs write into one
+# folder, then `--mode scale --resume` over it (no training left) writes the table and the plot.
+# The gradient reaches back over enough chunks to cover an episode (--grad-chunks 0: automatic).
 #
-#   tools/rl_gpu_results.sh OUT_DIR [BUILD_DIR]      # BUILD_DIR defaults to ./build-gpu
-#
-# It first brings BUILD_DIR's statemamba-rl up to date (cmake --build --target statemamba-rl).
-# OUT_DIR gets one folder per step (metrics .csv/.json, accuracy.png, results.md/.csv,
-# throughput.json), a .log per step, device.txt, and summary.md collecting the numbers.
+#   tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]
+# BIN_DIR: a build folder (statemamba-rl is brought up to date there) or prebuilt programs
+# (tools/carry_build.sh's build-carry); default ./build-gpu. RL_TRAIN_SECONDS bounds each run (default 330).
 set -uo pipefail
-out=${1:?usage: tools/rl_gpu_results.sh OUT_DIR [BUILD_DIR]}
+out=${1:?usage: tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)
-build=${2:-$root/build-gpu}
-rl=$build/statemamba-rl
-[ -f "$build/build.ninja" ] || { echo "no build in $build: build first (STATEMAMBA_BUILD=$build tools/dev.sh build)" >&2; exit 2; }
-# Brings statemamba-rl up to date with this checkout (incremental; not counted in the four minutes).
-timeout 900 cmake --build "$build" --target statemamba-rl || { echo "building statemamba-rl in $build failed" >&2; exit 2; }
-"$rl" --help | grep -q -- "--cuda-graph" || { echo "$rl predates the throughput mode" >&2; exit 2; }
+bin=$(cd "${2:-$root/build-gpu}" && pwd) || exit 2
+if [ -f "$bin/build.ninja" ]; then
+  timeout 900 cmake --build "$bin" --target statemamba-rl || { echo "building statemamba-rl in $bin failed" >&2; exit 2; }
+else
+  torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")')
+  export LD_LIBRARY_PATH=$torch_lib:$bin:${LD_LIBRARY_PATH:-}
+fi
+rl=$bin/statemamba-rl
+"$rl" --help | grep -q -- "--eager-rollout" || { echo "$rl predates the graph rollout" >&2; exit 2; }
 device=${STATEMAMBA_RL_DEVICE:-cuda}  # cpu only to try the script itself out
-graph=(--cuda-graph)
-[ "$device" = cuda ] || graph=()
+train_s=${RL_TRAIN_SECONDS:-330}
+export OMP_NUM_THREADS=1  # ten processes on 16 cores
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 start=$(date +%s)
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  echo "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null); programs $(cat "$bin/COMMIT" 2>/dev/null)"
+} >"$out/device.txt"
 
 # run NAME SECONDS ARGS...: one bounded statemamba-rl call, its output in OUT/NAME.log.
 run() {
   local name=$1 secs=$2
   shift 2
-  echo "== $name ($(($(date +%s) - start)) s in): statemamba-rl $*" | tee -a "$out/summary.log"
-  timeout -s INT -k 20 "$secs" "$rl" "$@" --out "$out/$name" >"$out/$name.log" 2>&1
-  local rc=$?
-  echo "   exit $rc; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')" | tee -a "$out/summary.log"
+  timeout -s INT -k 20 "$secs" "$rl" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $?: statemamba-rl $*" >>"$out/summary.log"
 }
-
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  echo "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
-  nproc
-} >"$out/device.txt"
 
 # 1. Throughput (env step + policy step + sampling + resets), 1024 envs, both controllers.
 tp=(--mode throughput --device "$device" --num-envs 1024 --num-bits 4 --horizon 1000 --throughput-steps 500)
-# graph: the rollout step as PPO runs it (scan ops over one step); decode: the decode ops (fused on CUDA)
-[ ${#graph[@]} -gt 0 ] && run throughput-graph 60 "${tp[@]}" "${graph[@]}"
-run throughput-eager 60 "${tp[@]}"
-[ ${#graph[@]} -gt 0 ] && run throughput-graph-decode 60 "${tp[@]}" "${graph[@]}" --decode-step
-
-# 2. Quick runs: 4 bits, H = 1000. The chunk (1024 steps) plus --grad-chunks 2 lets the gradient
-# reach back from every query to its episode's start (episodes are 1002 steps long).
-quick=(--mode quick --device "$device" --num-bits 4 --horizon 1000 --num-envs 256 --rollout-len 1024
-       --minibatches 2 --epochs 4 --grad-chunks 2 --total-updates 200 --checkpoint-every 50)
-run quick-mamba 110 "${quick[@]}" --controller mamba --time-limit 90
-run quick-gru 65 "${quick[@]}" --controller gru --time-limit 45
-
-# 3. Reduced scale sweep, with what time is left (about 50 s).
-left=$((230 - ($(date +%s) - start)))
-if [ "$left" -gt 40 ]; then
-  per_run=$(((left - 20) / 4))
-  run scale 100 --mode scale --device "$device" --num-bits 4 --num-envs 64 --horizons 5000 20000 --rollout-len 1024 \
-    --minibatches 2 --grad-chunks 2 --total-updates 200 --time-limit "$per_run"
-else
-  echo "== scale: skipped, $left s left" | tee -a "$out/summary.log"
+run throughput-eager 60 "${tp[@]}" --out "$out/throughput-eager"
+if [ "$device" = cuda ]; then
+  run throughput-graph 60 "${tp[@]}" --cuda-graph --out "$out/throughput-graph"
+  run throughput-graph-decode 60 "${tp[@]}" --cuda-graph --decode-step --out "$out/throughput-graph-decode"
 fi
 
-# Summary: the numbers the README and BENCHMARKS.md want.
+# 2 and 3 at once.
+common=(--device "$device" --num-bits 4 --rollout-len 1024 --minibatches 2 --epochs 4 --total-updates 200
+        --checkpoint-every 25 --time-limit "$train_s")
+pids=()
+for controller in mamba gru; do
+  run "quick-$controller" $((train_s + 60)) --mode quick "${common[@]}" --controller "$controller" --horizon 1000 \
+    --num-envs 256 --grad-chunks 2 --out "$out/quick-$controller" &
+  pids+=($!)
+  for h in 1000 5000 10000 20000; do
+    run "scale-$controller-h$h" $((train_s + 60)) --mode quick "${common[@]}" --controller "$controller" --horizon "$h" \
+      --num-envs 64 --grad-chunks 0 --out "$out/scale" &
+    pids+=($!)
+  done
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+run scale-table 120 --mode scale "${common[@]}" --num-envs 64 --grad-chunks 0 --horizons 1000 5000 10000 20000 \
+  --resume --out "$out/scale"
+
 {
-  echo "# RL results ($(head -n 2 "$out/device.txt" | tail -n 1))"
+  echo "# RL results ($(head -n 1 "$out/device.txt"))"
   echo
   echo "## Throughput (1024 envs)"
   for f in "$out"/throughput-*/throughput.json; do
-    [ -f "$f" ] && echo '```json' && cat "$f" && echo '```'
+    [ -f "$f" ] && python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    print(f"- {r[\"controller\"]}: {r[\"env_steps_per_second\"]/1e6:.2f}M env-steps/s (graph {r[\"cuda_graph\"]}, decode ops {r[\"decode_step\"]})")' "$f"
   done
   echo
-  echo "## Quick runs, 4 bits, H = 1000"
-  for d in quick-mamba quick-gru; do
-    echo; echo "$d:"; grep -E "accuracy .* after|stopped|plot:" "$out/$d.log" 2>/dev/null | sed 's/^/    /'
-  done
+  echo "## 4 bits, H = 1000, 256 envs"
+  for c in mamba gru; do grep -E "accuracy .* after|stopped" "$out/quick-$c.log" 2>/dev/null | tail -n 2 | sed 's/^/    /'; done
   echo
-  echo "## Scale (reduced)"
-  [ -f "$out/scale/results.md" ] && cat "$out/scale/results.md"
+  echo "## Scale (64 envs)"
+  cat "$out/scale/results.md" 2>/dev/null || echo "(no table: see scale-table.log)"
   echo
   echo "total $(($(date +%s) - start)) s"
 } >"$out/summary.md"
