@@ -11,7 +11,8 @@
 #
 #   tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]
 # BIN_DIR: a build folder (statemamba-rl is brought up to date there) or prebuilt programs
-# (tools/carry_build.sh's build-carry); default ./build-gpu. RL_TRAIN_SECONDS bounds each run (default 330).
+# (tools/carry_build.sh's build-carry); default ./build-gpu. RL_TRAIN_SECONDS bounds each run (default 330);
+# RL_EXTRA_ARGS adds flags to every training run (e.g. --eager-rollout).
 set -uo pipefail
 out=${1:?usage: tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +34,7 @@ start=$(date +%s)
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   echo "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null); programs $(cat "$bin/COMMIT" 2>/dev/null)"
+  echo "extra training flags: ${RL_EXTRA_ARGS:-none}"
 } >"$out/device.txt"
 
 # run NAME SECONDS ARGS...: one bounded statemamba-rl call, its output in OUT/NAME.log.
@@ -53,7 +55,7 @@ fi
 
 # 2 and 3 at once.
 common=(--device "$device" --num-bits 4 --rollout-len 1024 --minibatches 2 --epochs 4 --total-updates 200
-        --checkpoint-every 25 --time-limit "$train_s")
+        --checkpoint-every 25 --time-limit "$train_s" ${RL_EXTRA_ARGS:-})
 pids=()
 for controller in mamba gru; do
   run "quick-$controller" $((train_s + 60)) --mode quick "${common[@]}" --controller "$controller" --horizon 1000 \
