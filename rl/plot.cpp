@@ -1,6 +1,7 @@
 #include "rl/plot.h"
 
 #include <c10/util/Exception.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -160,7 +161,8 @@ void Image::write_png(const std::string& path) const {
   put_chunk(png, "IDAT", packed);
   put_chunk(png, "IEND", "");
 
-  const std::string tmp = path + ".tmp";
+  // A temporary name of this process's own: runs sharing an output folder may write at once.
+  const std::string tmp = path + ".tmp" + std::to_string(::getpid());
   std::ofstream out(tmp, std::ios::binary);
   out.write(png.data(), static_cast<std::streamsize>(png.size()));
   out.close();

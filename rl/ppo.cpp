@@ -363,7 +363,7 @@ void PPOTrainer::capture_step() {
       } catch (...) {
       }
     };
-    const char* advice = "; PPOOptions::cuda_graph_rollout = false (statemamba-rl --eager-rollout) steps eagerly";
+    const char* advice = "; PPOOptions::cuda_graph_rollout = false (statemamba-rl without --graph-rollout) steps eagerly";
     try {
       g->graph.capture_begin();
       capturing = true;

@@ -15,8 +15,10 @@
 //   for (int i = 0; i < 300; ++i) UpdateStats s = trainer.update();
 //   trainer.save("run/checkpoint.pt");     // later: trainer.load(...) continues exactly
 //
-// On a CUDA device the rollout step is captured once as a CUDA graph (cuda_graph_rollout) and
-// replayed: the same kernels on the same shapes as the eager step, one launch instead of ~30.
+// Experimental, off by default: on a CUDA device the rollout step can be captured once as a CUDA
+// graph (cuda_graph_rollout) and replayed: the same kernels on the same shapes as the eager step,
+// one launch instead of ~30. On the H100 its chunks do not yet equal the eager rollout's
+// (tests/test_cuda_rl.cpp fails: the logits differ within the first chunk), so it stays opt-in.
 #include <torch/optim/adam.h>
 
 #include <cstdint>
@@ -54,7 +56,7 @@ struct PPOOptions {
   // Environments on a CUDA device: collect() replays a CUDA graph of one rollout step (captured on
   // first use, recaptured after load()) instead of launching its kernels one by one. The same
   // kernels, shapes and random streams, so the chunk is the eager one. Ignored on the CPU.
-  bool cuda_graph_rollout = true;
+  bool cuda_graph_rollout = false;  // experimental (see above)
   uint64_t seed = 0;
 };
 

@@ -49,7 +49,7 @@ struct Config {
   int64_t total_updates = 0, checkpoint_every = 0;
   torch::Device device = torch::kCPU;
   std::string out;
-  bool resume = false;
+  bool resume = false, report_only = false;
   int64_t throughput_steps = 0;
   double stop_at = 0, time_limit = 0;
   bool cuda_graph = false, decode_step = false;
@@ -139,6 +139,8 @@ cxxopts::Options make_cli() {
       ("seed", "random seed (environments, initialisation, sampling)", cxxopts::value<uint64_t>()->default_value("0"))
       ("out", "output directory", cxxopts::value<std::string>()->default_value("out/rl"))
       ("resume", "continue each run from its checkpoint in --out, if there is one")
+      ("report-only", "train nothing: write each run's metrics, the plot (and in scale mode the table) from "
+       "the checkpoints in --out, e.g. after runs of one horizon each were trained at once")
       ("stop-at", "end a run early once its accuracy reaches this (0: never)", cxxopts::value<double>()->default_value("0"))
       ("time-limit", "end a run early before its training time would pass this many seconds (0: none)",
        cxxopts::value<double>()->default_value("0"))
@@ -185,8 +187,8 @@ cxxopts::Options make_cli() {
       ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start; 0: enough "
        "to reach back from any query to its episode's start, ceil((horizon + 2) / rollout-len) + 1, per horizon)",
        cxxopts::value<int64_t>()->default_value("1"))
-      ("eager-rollout", "on a GPU, launch the rollout step's kernels one by one instead of replaying a CUDA "
-       "graph of the step (for comparison: the chunks are the same, only slower)")
+      ("graph-rollout", "experimental: on a GPU, replay a CUDA graph of the rollout step instead of launching "
+       "its kernels one by one (its chunks do not yet equal the eager rollout's on the H100)")
       ("accuracy-window", "graded answers that accuracy is the share of", cxxopts::value<int64_t>()->default_value("256"));
   cli.parse_positional({"horizons"});  // so that "--horizons 1000 5000" reads as a list
   return cli;
@@ -271,7 +273,7 @@ Config parse(const cxxopts::ParseResult& args) {
   p.stepwise_replay = one_of("replay", {"step", "chunk"}) == "step";
   p.grad_chunks = args["grad-chunks"].as<int64_t>();  // 0: per horizon, in train()
   if (p.grad_chunks < 0) usage_error("--grad-chunks must be 0 (automatic) or positive, got " + std::to_string(p.grad_chunks));
-  p.cuda_graph_rollout = args.count("eager-rollout") == 0;
+  p.cuda_graph_rollout = args.count("graph-rollout") > 0;
   p.accuracy_window = positive("accuracy-window");
   p.seed = args["seed"].as<uint64_t>();
 
@@ -282,12 +284,13 @@ Config parse(const cxxopts::ParseResult& args) {
   c.decode_step = args.count("decode-step") > 0;
   if (c.decode_step && c.mode != "throughput") usage_error("--decode-step is for --mode throughput");
   if (c.cuda_graph && c.mode != "throughput") usage_error("--cuda-graph is for --mode throughput");
-  if (args.count("eager-rollout") && c.mode == "throughput")
-    usage_error("--eager-rollout is for PPO runs (--mode quick or scale); throughput mode steps eagerly unless --cuda-graph");
+  if (args.count("graph-rollout") && c.mode == "throughput")
+    usage_error("--graph-rollout is for PPO runs (--mode quick or scale); throughput mode takes --cuda-graph");
   c.total_updates = positive("total-updates");
   c.checkpoint_every = positive("checkpoint-every");
   c.out = args["out"].as<std::string>();
   c.resume = args.count("resume") > 0;
+  c.report_only = args.count("report-only") > 0;
   const std::string device = args["device"].as<std::string>();
   if (device == "auto") {
     c.device = torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
@@ -457,7 +460,9 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   rl::PPOTrainer trainer(std::move(env), policy, ppo);
 
   const std::string checkpoint = c.out + "/checkpoint-" + result.name + ".pt";
-  if (c.resume && file_exists(checkpoint)) {
+  if (c.report_only && !file_exists(checkpoint))
+    throw std::runtime_error("--report-only: no checkpoint " + checkpoint + " for run " + result.name);
+  if ((c.resume || c.report_only) && file_exists(checkpoint)) {
     trainer.load(checkpoint);
     std::cout << "resumed " << result.name << " from " << checkpoint << " at update " << trainer.history().size() << "\n";
   }
@@ -467,7 +472,8 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   Progress progress(result.name, c.total_updates);
   double seconds = 0;
   int64_t timed = 0;
-  for (int64_t u = static_cast<int64_t>(trainer.history().size()); u < c.total_updates; ++u) {
+  const int64_t total_updates = c.report_only ? static_cast<int64_t>(trainer.history().size()) : c.total_updates;
+  for (int64_t u = static_cast<int64_t>(trainer.history().size()); u < total_updates; ++u) {
     const rl::UpdateStats s = trainer.update();
     seconds += s.seconds, ++timed;
     progress.show(s, seconds / timed);

@@ -6,13 +6,13 @@
 # The ten training runs go at once, one process each (small policies leave the GPU mostly idle, so
 # they share it well); each is bounded by its own --time-limit (it then saves its metrics, plot
 # and checkpoint and exits normally) and by `timeout` around it. The sweep's runs write into one
-# folder, then `--mode scale --resume` over it (no training left) writes the table and the plot.
+# folder, then `--mode scale --report-only` over it writes the table and the plot.
 # The gradient reaches back over enough chunks to cover an episode (--grad-chunks 0: automatic).
 #
 #   tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]
 # BIN_DIR: a build folder (statemamba-rl is brought up to date there) or prebuilt programs
 # (tools/carry_build.sh's build-carry); default ./build-gpu. RL_TRAIN_SECONDS bounds each run (default 330);
-# RL_EXTRA_ARGS adds flags to every training run (e.g. --eager-rollout).
+# RL_EXTRA_ARGS adds flags to every training run (e.g. --graph-rollout).
 set -uo pipefail
 out=${1:?usage: tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +24,7 @@ else
   export LD_LIBRARY_PATH=$torch_lib:$bin:${LD_LIBRARY_PATH:-}
 fi
 rl=$bin/statemamba-rl
-"$rl" --help | grep -q -- "--eager-rollout" || { echo "$rl predates the graph rollout" >&2; exit 2; }
+"$rl" --help | grep -q -- "--report-only" || { echo "$rl predates --report-only" >&2; exit 2; }
 device=${STATEMAMBA_RL_DEVICE:-cuda}  # cpu only to try the script itself out
 train_s=${RL_TRAIN_SECONDS:-330}
 export OMP_NUM_THREADS=1  # ten processes on 16 cores
@@ -69,16 +69,19 @@ for controller in mamba gru; do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 run scale-table 120 --mode scale "${common[@]}" --num-envs 64 --grad-chunks 0 --horizons 1000 5000 10000 20000 \
-  --resume --out "$out/scale"
+  --report-only --out "$out/scale"
 
 {
   echo "# RL results ($(head -n 1 "$out/device.txt"))"
   echo
   echo "## Throughput (1024 envs)"
   for f in "$out"/throughput-*/throughput.json; do
-    [ -f "$f" ] && python3 -c 'import json,sys
+    [ -f "$f" ] && python3 - "$f" <<'PY'
+import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
-    print(f"- {r[\"controller\"]}: {r[\"env_steps_per_second\"]/1e6:.2f}M env-steps/s (graph {r[\"cuda_graph\"]}, decode ops {r[\"decode_step\"]})")' "$f"
+    rate = r["env_steps_per_second"] / 1e6
+    print(f"- {r['controller']}: {rate:.2f}M env-steps/s (graph {r['cuda_graph']}, decode ops {r['decode_step']})")
+PY
   done
   echo
   echo "## 4 bits, H = 1000, 256 envs"
