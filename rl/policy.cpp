@@ -206,9 +206,20 @@ std::pair<at::Tensor, at::Tensor> MambaPolicyImpl::step_inplace(const at::Tensor
 // ---- GRU -------------------------------------------------------------------------------------------
 
 GruPolicyImpl::GruPolicyImpl(int64_t obs_dim, int64_t num_actions, const PolicyOptions& options)
-    : RecurrentPolicyImpl(obs_dim, num_actions, options.width), layers(options.layers) {
+    : RecurrentPolicyImpl(obs_dim, num_actions, options.width), layers(options.layers), memory(options.gru_memory) {
   TORCH_CHECK(layers >= 1, "gru policy: layers must be at least 1, got ", layers);
   gru = register_module("gru", nn::GRU(nn::GRUOptions(width, width).num_layers(layers)));
+  TORCH_CHECK(options.gru_memory == 0 || options.gru_memory > 2, "gru policy: gru_memory must be 0 (default ",
+              "initialisation) or more than 2 steps, got ", options.gru_memory);
+  if (options.gru_memory > 0) {
+    torch::NoGradGuard no_grad;
+    // Gates are stacked (reset, update, new); h' = (1 - z) n + z h, z = sigmoid(... + b_iz + b_hz).
+    for (int64_t l = 0; l < layers; ++l) {
+      const std::string suffix = "_l" + std::to_string(l);
+      gru->named_parameters()["bias_ih" + suffix].narrow(0, width, width).zero_();
+      gru->named_parameters()["bias_hh" + suffix].narrow(0, width, width).uniform_(1, options.gru_memory - 1).log_();
+    }
+  }
 }
 
 RecurrentState GruPolicyImpl::initial_state(int64_t num_envs) const {
@@ -216,7 +227,8 @@ RecurrentState GruPolicyImpl::initial_state(int64_t num_envs) const {
 }
 
 std::string GruPolicyImpl::describe() const {
-  return "gru(hidden=" + std::to_string(width) + ", layers=" + std::to_string(layers) + ")";
+  return "gru(hidden=" + std::to_string(width) + ", layers=" + std::to_string(layers) +
+         (memory > 0 ? ", chrono init " + c10::str(memory) : std::string()) + ")";
 }
 
 std::pair<at::Tensor, RecurrentState> GruPolicyImpl::core(const at::Tensor& x, const RecurrentState& state,

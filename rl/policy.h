@@ -71,6 +71,10 @@ struct PolicyOptions {
   // both at the default size the product is tiny in a one-layer policy, and learning sits on a
   // plateau (2 bits, delay 16, supervised: no progress in 400 steps at 1x; 90% after ~180 at 4x).
   double bc_init_scale = 4;
+  // GRU only: chrono initialisation (Tallec & Ollivier, 2018) when > 1. The update gate's bias
+  // starts at log(u), u ~ U(1, gru_memory - 1), so unit i keeps its value for about 1 + u_i steps
+  // instead of ~2 (nn::GRU's default bias, zero on average, forgets half of the state every step).
+  double gru_memory = 0;
 };
 
 // Encoder -> recurrent core -> actor and critic heads. Subclasses supply the core and its state.
@@ -132,6 +136,7 @@ class GruPolicyImpl : public RecurrentPolicyImpl {
   std::string describe() const override;
 
   int64_t layers;
+  double memory;  // PolicyOptions::gru_memory
   torch::nn::GRU gru{nullptr};
 
  protected:

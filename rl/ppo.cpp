@@ -13,8 +13,6 @@
 #include <limits>
 
 #ifdef STATEMAMBA_WITH_CUDA
-#include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -166,23 +164,9 @@ PPOTrainer::PPOTrainer(std::unique_ptr<Env> env, RecurrentPolicy policy, const P
   first_ = at::ones({N}, at::TensorOptions(env_->device()).dtype(at::kBool));
 }
 
-PPOTrainer::~PPOTrainer() = default;
-PPOTrainer::PPOTrainer(PPOTrainer&&) = default;
-PPOTrainer& PPOTrainer::operator=(PPOTrainer&&) = default;
-
 // ---- rollout ---------------------------------------------------------------------------------------
 
-bool PPOTrainer::use_graph() const {
-#ifdef STATEMAMBA_WITH_CUDA
-  return options_.cuda_graph_rollout && env_->device().is_cuda();
-#else
-  return false;
-#endif
-}
-
-Rollout PPOTrainer::collect() { return use_graph() ? collect_graph() : collect_eager(); }
-
-Rollout PPOTrainer::collect_eager() {
+Rollout PPOTrainer::collect() {
   torch::NoGradGuard no_grad;
   const int64_t T = options_.rollout_len, n = group_size_;
   std::vector<at::Tensor> obs, resets, logits, values, actions, rewards, dones, answered, correct, graded;
@@ -231,48 +215,8 @@ Rollout PPOTrainer::collect_eager() {
   return r;
 }
 
-// The rollout step as a CUDA graph. A graph replays fixed kernels on fixed addresses, so whatever
-// the step reads or writes stays in place: here (the recurrent state, `first`, the chunk), in the
-// environment (which updates its tensors in place) and in the policy's parameters (which the
-// optimiser updates in place). The step writes its outputs into row `step` of the chunk and
-// advances `step` itself, so a chunk is T launches of the graph and nothing else.
-struct PPOTrainer::StepGraph {
-  std::vector<RecurrentState> states;  // the state before the step, one per policy call
-  at::Tensor first;                    // [N] bool: the observation before the step starts an episode
-  at::Tensor step;                     // int64 [1]: the chunk row the step writes
-  // The chunk, [T, N, ...], as Rollout's; allocated at the capture, overwritten by every chunk.
-  at::Tensor obs, resets, logits, values, actions, rewards, dones, answered, correct, graded;
-  // What the graph read at the capture: the policy's tensors (addresses) and mode, the env's
-  // observation. A change (a load into the policy, say) makes collect() capture again.
-  std::vector<const void*> inputs;
-  bool training = false;
-#ifdef STATEMAMBA_WITH_CUDA
-  at::cuda::CUDAGraph graph;
-#endif
-};
-
 namespace {
-std::vector<const void*> step_inputs(RecurrentPolicy& policy, const Env& env) {
-  std::vector<const void*> inputs;
-  for (const auto& t : policy->parameters()) inputs.push_back(t.data_ptr());
-  for (const auto& t : policy->buffers()) inputs.push_back(t.data_ptr());
-  inputs.push_back(env.observe().data_ptr());
-  return inputs;
-}
-
-// Row `step` (a device tensor: no host value to bake into a graph) of `chunk` [T, ...] = value; the
-// chunk is allocated at the first write.
-void record(at::Tensor& chunk, const at::Tensor& value, const at::Tensor& step, int64_t T) {
-  if (!chunk.defined()) {
-    std::vector<int64_t> shape{T};
-    shape.insert(shape.end(), value.sizes().begin(), value.sizes().end());
-    chunk = at::empty(shape, value.options());
-  }
-  chunk.index_copy_(0, step, value.unsqueeze(0));
-}
-
-// Waits for the device's work: timing the rollout's kernels rather than their launch, or letting
-// replays in flight finish before their graph goes.
+// Waits for the device's work, so that the rollout's time counts its kernels, not their launch.
 void synchronize(at::Device device) {
 #ifdef STATEMAMBA_WITH_CUDA
   if (device.is_cuda()) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
@@ -281,147 +225,6 @@ void synchronize(at::Device device) {
 #endif
 }
 }  // namespace
-
-void PPOTrainer::drop_graph() {
-  if (!graph_) return;
-  synchronize(env_->device());
-  graph_.reset();
-}
-
-// collect_eager's step, kernel for kernel (same calls, same shapes), on the graph's tensors.
-void PPOTrainer::graph_step(StepGraph& g) {
-  const int64_t T = options_.rollout_len, rows = by_group() ? group_size_ : env_->num_envs();
-  const at::Tensor obs = env_->observe();  // the env's own tensor: its step below overwrites it
-  record(g.obs, obs, g.step, T);
-  record(g.resets, g.first, g.step, T);
-  std::vector<at::Tensor> part_logits, part_values;
-  std::vector<RecurrentState> next;
-  for (size_t k = 0; k < g.states.size(); ++k) {
-    PolicyOutput out = policy_->step(obs.narrow(0, k * rows, rows), g.states[k]);
-    part_logits.push_back(out.logits);
-    part_values.push_back(out.values);
-    next.push_back(std::move(out.state));
-  }
-  const at::Tensor logits = part_logits.size() == 1 ? part_logits[0] : at::cat(part_logits, 0);
-  const at::Tensor values = part_values.size() == 1 ? part_values[0] : at::cat(part_values, 0);
-  const at::Tensor actions = sample_actions(logits, action_gen_);
-  const EnvStep s = env_->step(actions);
-  for (size_t k = 0; k < g.states.size(); ++k) {
-    next[k].reset(s.done.narrow(0, k * rows, rows));
-    for (size_t i = 0; i < next[k].tensors.size(); ++i) g.states[k].tensors[i].copy_(next[k].tensors[i]);
-  }
-  g.first.copy_(s.done);
-  record(g.logits, logits, g.step, T);
-  record(g.values, values, g.step, T);
-  record(g.actions, actions, g.step, T);
-  record(g.rewards, s.reward, g.step, T);
-  record(g.dones, s.done, g.step, T);
-  record(g.answered, s.answered, g.step, T);
-  record(g.correct, s.correct, g.step, T);
-  record(g.graded, s.graded, g.step, T);
-  g.step.add_(1);
-}
-
-void PPOTrainer::capture_step() {
-  const at::Device device = env_->device();
-  auto g = std::make_unique<StepGraph>();
-  // Their values do not matter yet: collect_graph copies the run's in before every chunk.
-  if (by_group())
-    for (const auto& s : states_) g->states.push_back(s.clone());
-  else
-    g->states.push_back(RecurrentState::cat(states_));
-  g->first = first_.clone();
-  g->step = at::zeros({1}, at::TensorOptions(device).dtype(at::kLong));
-  g->inputs = step_inputs(policy_, *env_);
-  g->training = policy_->is_training();
-#ifndef STATEMAMBA_WITH_CUDA
-  TORCH_CHECK(false, "ppo: CUDA graphs need a build with CUDA (-DSTATEMAMBA_CUDA=ON)");
-#else
-  c10::cuda::CUDAGuard device_guard(device);
-  const at::Tensor obs = env_->observe().clone();
-  const int64_t rows = by_group() ? group_size_ : env_->num_envs();
-  // Capture on a side stream (the default one cannot be captured), after a warm-up there, so that
-  // cuBLAS and cuDNN set up their handles and workspaces outside the capture. The warm-up is the
-  // policy's step on copies and nothing else: sampling or stepping the envs would move the run on.
-  // The capture itself runs nothing (and the generators' offsets move only at replays).
-  auto stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
-  c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
-  {
-    c10::cuda::CUDAStreamGuard stream_guard(stream);
-    for (size_t k = 0; k < g->states.size(); ++k) policy_->step(obs.narrow(0, k * rows, rows), g->states[k]);
-    stream.synchronize();
-    // Generators other than the default must be registered: each replay then draws the numbers the
-    // eager step would have drawn next.
-    g->graph.register_generator_state(env_->generator());
-    g->graph.register_generator_state(action_gen_);
-    bool capturing = false;
-    auto end_capture = [&] {
-      if (!capturing) return;
-      capturing = false;
-      try {
-        g->graph.capture_end();  // leaves the stream out of capture mode; the graph is dropped
-      } catch (...) {
-      }
-    };
-    const char* advice = "; PPOOptions::cuda_graph_rollout = false (statemamba-rl without --graph-rollout) steps eagerly";
-    try {
-      g->graph.capture_begin();
-      capturing = true;
-      graph_step(*g);
-      capturing = false;
-      g->graph.capture_end();
-    } catch (const c10::Error& e) {
-      end_capture();
-      TORCH_CHECK(false, "ppo: cannot capture the rollout step in a CUDA graph: ", e.what_without_backtrace(), advice);
-    } catch (const std::exception& e) {
-      end_capture();
-      TORCH_CHECK(false, "ppo: cannot capture the rollout step in a CUDA graph: ", e.what(), advice);
-    }
-  }
-#endif
-  graph_ = std::move(g);
-}
-
-Rollout PPOTrainer::collect_graph() {
-  torch::NoGradGuard no_grad;
-  if (graph_ && (graph_->inputs != step_inputs(policy_, *env_) || graph_->training != policy_->is_training()))
-    drop_graph();
-  if (!graph_) capture_step();
-  StepGraph& g = *graph_;
-  const int64_t T = options_.rollout_len, n = group_size_, N = env_->num_envs();
-  // The run's values into the tensors the graph reads; states_ and first_ stay ordinary tensors
-  // (a checkpoint saves them), replaced by copies of the graph's after the chunk.
-  for (size_t k = 0; k < states_.size(); ++k)
-    for (size_t i = 0; i < states_[k].tensors.size(); ++i) {
-      at::Tensor into = by_group() ? g.states[k].tensors[i] : g.states[0].tensors[i].narrow(0, k * n, n);
-      into.copy_(states_[k].tensors[i]);
-    }
-  g.first.copy_(first_);
-  g.step.zero_();
-  for (int64_t t = 0; t < T; ++t) {
-#ifdef STATEMAMBA_WITH_CUDA
-    g.graph.replay();
-#else
-    TORCH_CHECK(false, "ppo: a rollout graph in a build without CUDA");
-#endif
-  }
-  const int64_t rows = by_group() ? n : N;
-  std::vector<at::Tensor> last;  // as collect_eager: V of the observation after the chunk
-  for (size_t k = 0; k < g.states.size(); ++k)
-    last.push_back(policy_->step(env_->observe().narrow(0, k * rows, rows), g.states[k]).values);
-  Rollout r;
-  r.state0 = states_;  // shares tensors: states_ is replaced below, never written into
-  // Copies: the next chunk overwrites the graph's tensors.
-  r.obs = g.obs.clone(), r.resets = g.resets.clone(), r.logits = g.logits.clone(), r.values = g.values.clone();
-  r.actions = g.actions.clone(), r.rewards = g.rewards.clone(), r.dones = g.dones.clone();
-  r.answered = g.answered.clone(), r.correct = g.correct.clone(), r.graded = g.graded.clone();
-  r.last_values = at::cat(last, 0);
-  for (size_t k = 0; k < states_.size(); ++k)
-    states_[k] = by_group() ? g.states[k].clone() : g.states[0].narrow(k * n, n).clone();
-  first_ = g.first.clone();
-  env_steps_ += T * N;
-  return r;
-}
 
 RecurrentState PPOTrainer::replay_start(const Rollout& r, int64_t group) {
   RecurrentState start = r.state0[group];
@@ -562,8 +365,6 @@ void PPOTrainer::save(const std::string& path) const {
 }
 
 void PPOTrainer::load(const std::string& path) {
-  // The captured step read the tensors and generators that loading replaces: capture afresh.
-  drop_graph();
   torch::serialize::InputArchive root, policy, optimizer, env, stats;
   try {
     root.load_from(path, env_->device());

@@ -14,11 +14,6 @@
 //   PPOTrainer trainer(make_env(env_options, device, seed), make_policy(policy_options, ...), ppo, seed);
 //   for (int i = 0; i < 300; ++i) UpdateStats s = trainer.update();
 //   trainer.save("run/checkpoint.pt");     // later: trainer.load(...) continues exactly
-//
-// Experimental, off by default: on a CUDA device the rollout step can be captured once as a CUDA
-// graph (cuda_graph_rollout) and replayed: the same kernels on the same shapes as the eager step,
-// one launch instead of ~30. On the H100 its chunks do not yet equal the eager rollout's
-// (tests/test_cuda_rl.cpp fails: the logits differ within the first chunk), so it stays opt-in.
 #include <torch/optim/adam.h>
 
 #include <cstdint>
@@ -53,10 +48,6 @@ struct PPOOptions {
   // chunk's initial state; its value stays the stored one, so the replay still matches the rollout.
   int64_t grad_chunks = 1;
   int64_t accuracy_window = 256;  // graded answers (and episode returns) that accuracy is over
-  // Environments on a CUDA device: collect() replays a CUDA graph of one rollout step (captured on
-  // first use, recaptured after load()) instead of launching its kernels one by one. The same
-  // kernels, shapes and random streams, so the chunk is the eager one. Ignored on the CPU.
-  bool cuda_graph_rollout = false;  // experimental (see above)
   uint64_t seed = 0;
 };
 
@@ -118,9 +109,6 @@ struct UpdateStats {
 class PPOTrainer {
  public:
   PPOTrainer(std::unique_ptr<Env> env, RecurrentPolicy policy, const PPOOptions& options);
-  ~PPOTrainer();
-  PPOTrainer(PPOTrainer&&);
-  PPOTrainer& operator=(PPOTrainer&&);
 
   UpdateStats update();  // collect a chunk, then train on it
 
@@ -131,13 +119,8 @@ class PPOTrainer {
 
   // Everything a run depends on: policy, optimiser, environments, recurrent states, random
   // generators, statistics, the chunks the gradient carries into, the history of UpdateStats.
-  // load() drops the captured rollout step: the next collect() captures it on the loaded tensors.
   void save(const std::string& path) const;
   void load(const std::string& path);
-
-  // Whether collect() replays a captured CUDA graph (after the first collect() on a CUDA device
-  // with cuda_graph_rollout).
-  bool rollout_graph_captured() const { return graph_ != nullptr; }
 
   Env& env() { return *env_; }
   RecurrentPolicy& policy() { return policy_; }
@@ -151,16 +134,9 @@ class PPOTrainer {
     at::Tensor obs, resets;
     std::vector<RecurrentState> state0;
   };
-  struct StepGraph;  // the captured rollout step and the tensors it reads and writes (rl/ppo.cpp)
   // Whether a rollout step calls the policy once per group (a stepwise replay must see the
   // rollout's shapes) rather than once for every environment.
   bool by_group() const { return options_.stepwise_replay && groups_ > 1; }
-  bool use_graph() const;
-  Rollout collect_eager();
-  Rollout collect_graph();
-  void capture_step();
-  void drop_graph();  // after the replays in flight
-  void graph_step(StepGraph& g);
   void train(const Rollout& r, UpdateStats& stats);
   RecurrentState replay_start(const Rollout& r, int64_t group);
   at::Tensor rows(const at::Tensor& t, int64_t group) const { return t.narrow(1, group * group_size_, group_size_); }
@@ -178,7 +154,6 @@ class PPOTrainer {
   EpisodeStats stats_;
   int64_t env_steps_ = 0;
   std::vector<UpdateStats> history_;
-  std::unique_ptr<StepGraph> graph_;
 };
 
 }  // namespace statemamba::rl

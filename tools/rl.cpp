@@ -21,6 +21,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <cxxopts.hpp>
 #include <fstream>
@@ -53,6 +54,7 @@ struct Config {
   int64_t throughput_steps = 0;
   double stop_at = 0, time_limit = 0;
   bool cuda_graph = false, decode_step = false;
+  bool gru_memory_auto = false;  // --gru-memory auto: twice each run's episode length
 };
 
 struct RunResult {
@@ -169,14 +171,20 @@ cxxopts::Options make_cli() {
        cxxopts::value<double>()->default_value("0.001"))
       ("dt-max", "Mamba: largest initial step size", cxxopts::value<double>()->default_value("0.1"))
       ("bc-init-scale", "Mamba: B and C start this many times nn.Linear's default size (see rl/policy.h)",
-       cxxopts::value<double>()->default_value("4"));
+       cxxopts::value<double>()->default_value("4"))
+      ("gru-memory", "GRU: chrono initialisation, units keep their value for up to this many steps at the start: "
+       "a number > 2, auto (twice the episode length) or off (nn::GRU's default, which forgets within a few steps)",
+       cxxopts::value<std::string>()->default_value("auto"));
   cli.add_options("ppo")
       ("rollout-len", "steps per environment per update (the chunk)", cxxopts::value<int64_t>()->default_value("64"))
       ("epochs", "passes over each chunk", cxxopts::value<int64_t>()->default_value("4"))
       ("minibatches", "groups of environments per pass (must divide --num-envs)", cxxopts::value<int64_t>()->default_value("2"))
       ("lr", "Adam learning rate", cxxopts::value<double>()->default_value("0.002"))
       ("gamma", "discount", cxxopts::value<double>()->default_value("0.99"))
-      ("gae-lambda", "GAE lambda", cxxopts::value<double>()->default_value("0.95"))
+      ("gae-lambda", "GAE lambda. Lower than PPO's usual 0.95 because a memory task pays at the very step it grades: "
+       "a long lambda spreads each answer's reward over the random actions before it, and that noise drowns the "
+       "answer's own gradient (4 bits, H = 16, GRU: chance after 150 updates at 0.95, 94% at 0.5)",
+       cxxopts::value<double>()->default_value("0.5"))
       ("clip", "PPO ratio clip", cxxopts::value<double>()->default_value("0.2"))
       ("value-coef", "value loss weight", cxxopts::value<double>()->default_value("0.5"))
       ("entropy-coef", "entropy bonus weight", cxxopts::value<double>()->default_value("0.01"))
@@ -187,8 +195,6 @@ cxxopts::Options make_cli() {
       ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start; 0: enough "
        "to reach back from any query to its episode's start, ceil((horizon + 2) / rollout-len) + 1, per horizon)",
        cxxopts::value<int64_t>()->default_value("1"))
-      ("graph-rollout", "experimental: on a GPU, replay a CUDA graph of the rollout step instead of launching "
-       "its kernels one by one (its chunks do not yet equal the eager rollout's on the H100)")
       ("accuracy-window", "graded answers that accuracy is the share of", cxxopts::value<int64_t>()->default_value("256"));
   cli.parse_positional({"horizons"});  // so that "--horizons 1000 5000" reads as a list
   return cli;
@@ -246,6 +252,14 @@ Config parse(const cxxopts::ParseResult& args) {
   c.policy.dt_min = args["dt-min"].as<double>();
   c.policy.dt_max = args["dt-max"].as<double>();
   c.policy.bc_init_scale = args["bc-init-scale"].as<double>();
+  if (const std::string m = args["gru-memory"].as<std::string>(); m == "auto") {
+    c.gru_memory_auto = true;
+  } else if (m != "off") {
+    char* end = nullptr;
+    c.policy.gru_memory = std::strtod(m.c_str(), &end);
+    if (m.empty() || *end != '\0' || !(c.policy.gru_memory > 2))
+      usage_error("--gru-memory must be auto, off or a number of steps above 2, got '" + m + "'");
+  }
   if (!(c.policy.bc_init_scale > 0)) usage_error("--bc-init-scale must be positive, got " + std::to_string(c.policy.bc_init_scale));
   if (!(c.policy.dt_min > 0 && c.policy.dt_min <= c.policy.dt_max))
     usage_error("need 0 < --dt-min <= --dt-max, got " + std::to_string(c.policy.dt_min) + " and " +
@@ -273,7 +287,6 @@ Config parse(const cxxopts::ParseResult& args) {
   p.stepwise_replay = one_of("replay", {"step", "chunk"}) == "step";
   p.grad_chunks = args["grad-chunks"].as<int64_t>();  // 0: per horizon, in train()
   if (p.grad_chunks < 0) usage_error("--grad-chunks must be 0 (automatic) or positive, got " + std::to_string(p.grad_chunks));
-  p.cuda_graph_rollout = args.count("graph-rollout") > 0;
   p.accuracy_window = positive("accuracy-window");
   p.seed = args["seed"].as<uint64_t>();
 
@@ -284,8 +297,6 @@ Config parse(const cxxopts::ParseResult& args) {
   c.decode_step = args.count("decode-step") > 0;
   if (c.decode_step && c.mode != "throughput") usage_error("--decode-step is for --mode throughput");
   if (c.cuda_graph && c.mode != "throughput") usage_error("--cuda-graph is for --mode throughput");
-  if (args.count("graph-rollout") && c.mode == "throughput")
-    usage_error("--graph-rollout is for PPO runs (--mode quick or scale); throughput mode takes --cuda-graph");
   c.total_updates = positive("total-updates");
   c.checkpoint_every = positive("checkpoint-every");
   c.out = args["out"].as<std::string>();
@@ -324,6 +335,7 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"dt_min", c.policy.dt_min},
           {"dt_max", c.policy.dt_max},
           {"bc_init_scale", c.policy.bc_init_scale},
+          {"gru_memory", c.gru_memory_auto ? json("auto") : json(c.policy.gru_memory)},
           {"rollout_len", p.rollout_len},
           {"epochs", p.epochs},
           {"minibatches", p.minibatches},
@@ -336,7 +348,6 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"max_grad_norm", p.max_grad_norm},
           {"replay", p.stepwise_replay ? "step" : "chunk"},
           {"grad_chunks", p.grad_chunks},
-          {"cuda_graph_rollout", p.cuda_graph_rollout && c.device.is_cuda()},  // what the run did: ignored on the CPU
           {"accuracy_window", p.accuracy_window},
           {"total_updates", c.total_updates},
           {"seed", p.seed},
@@ -445,15 +456,20 @@ void write_table(const Config& c, const std::vector<RunResult>& runs) {
 
 // ---- one run ----------------------------------------------------------------------------------------
 
+rl::PolicyOptions policy_options_for(const Config& c, const std::string& controller, const rl::Env& env) {
+  rl::PolicyOptions p = c.policy;
+  p.controller = controller;
+  if (c.gru_memory_auto) p.gru_memory = 2.0 * static_cast<double>(env.episode_length());
+  return p;
+}
+
 RunResult train(const Config& c, const std::string& controller, int64_t horizon) {
   RunResult result{controller + "-h" + std::to_string(horizon), controller, horizon, {}};
   rl::EnvOptions env_options = c.env;
   env_options.horizon = horizon;
-  rl::PolicyOptions policy_options = c.policy;
-  policy_options.controller = controller;
   torch::manual_seed(c.ppo.seed);  // the policy's initialisation
   auto env = rl::make_env(env_options, c.device, c.ppo.seed);
-  auto policy = rl::make_policy(policy_options, env->obs_dim(), env->num_actions());
+  auto policy = rl::make_policy(policy_options_for(c, controller, *env), env->obs_dim(), env->num_actions());
   const std::string env_name = env->name(), policy_name = policy->describe();
   rl::PPOOptions ppo = c.ppo;
   if (ppo.grad_chunks == 0) ppo.grad_chunks = (horizon + 2 + ppo.rollout_len - 1) / ppo.rollout_len + 1;
@@ -510,11 +526,9 @@ json throughput(const Config& c) {
   for (const auto& controller : c.controllers) {
     rl::EnvOptions env_options = c.env;
     env_options.horizon = c.horizons[0];
-    rl::PolicyOptions policy_options = c.policy;
-    policy_options.controller = controller;
     torch::manual_seed(c.ppo.seed);
     auto env = rl::make_env(env_options, c.device, c.ppo.seed);
-    auto policy = rl::make_policy(policy_options, env->obs_dim(), env->num_actions());
+    auto policy = rl::make_policy(policy_options_for(c, controller, *env), env->obs_dim(), env->num_actions());
     rl::RolloutStepper stepper(std::move(env), policy, c.ppo.seed, c.decode_step);
     std::string capture_error;
     if (c.cuda_graph) {

@@ -12,7 +12,7 @@
 #   tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]
 # BIN_DIR: a build folder (statemamba-rl is brought up to date there) or prebuilt programs
 # (tools/carry_build.sh's build-carry); default ./build-gpu. RL_TRAIN_SECONDS bounds each run (default 330);
-# RL_EXTRA_ARGS adds flags to every training run (e.g. --graph-rollout).
+# RL_EXTRA_ARGS adds flags to every training run (e.g. --gae-lambda 0.8).
 set -uo pipefail
 out=${1:?usage: tools/rl_gpu_results.sh OUT_DIR [BIN_DIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)
