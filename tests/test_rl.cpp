@@ -342,6 +342,45 @@ TEST(RlPolicy, BadInputs) {
   expect_error([&] { rl::make_policy(o, 3, 5); }, {"unknown controller 'lstm'"});
   o = small_policy("mamba"), o.dt_min = 0.5, o.dt_max = 0.1;
   expect_error([&] { rl::make_policy(o, 3, 5); }, {"dt_min"});
+  o = small_policy("gru"), o.gru_memory = 1.5;
+  expect_error([&] { rl::make_policy(o, 3, 5); }, {"gru_memory", "1.5"});
+}
+
+// Chrono initialisation: the update gate starts at z = sigmoid(log u) = u / (1 + u), u in [1, T - 1],
+// so with no input a unit keeps a share z of its value per step: after k steps at least
+// (1 - 1/2)^k and, for the slowest units, close to (1 - 1/T)^k. The default GRU forgets ~half per step.
+TEST(RlPolicy, GruChronoInitKeepsTheStateForLong) {
+  const int64_t T = 200, width = 64, steps = 50;
+  auto retained = [&](double memory) {
+    rl::PolicyOptions o = small_policy("gru");
+    o.width = width, o.gru_memory = memory;
+    torch::manual_seed(5);
+    auto policy = rl::make_policy(o, 3, 4);
+    auto* gru = dynamic_cast<rl::GruPolicyImpl*>(policy.ptr().get());
+    torch::NoGradGuard no_grad;
+    // Two states that differ, then `steps` zero inputs: the share of their difference that is left
+    // (what the state still says about where it started, whatever fixed point it drifts to).
+    const at::Tensor v = at::ones({1, 1, width}) * (0.5 / std::sqrt(double(width))), x = at::zeros({steps, 1, width});
+    const at::Tensor a = std::get<1>(gru->gru->forward(x, v)), b = std::get<1>(gru->gru->forward(x, -v));
+    return ((a - b).norm() / (2 * v).norm()).item<double>();
+  };
+  {
+    rl::PolicyOptions o = small_policy("gru");
+    o.width = width, o.gru_memory = T;
+    auto policy = rl::make_policy(o, 3, 4);
+    auto* gru = dynamic_cast<rl::GruPolicyImpl*>(policy.ptr().get());
+    const auto params = gru->gru->named_parameters();
+    const at::Tensor b_iz = params["bias_ih_l0"].narrow(0, width, width), b_hz = params["bias_hh_l0"].narrow(0, width, width);
+    EXPECT_EQ(b_iz.abs().max().item<double>(), 0.0);
+    EXPECT_GE(b_hz.min().item<double>(), 0.0);
+    EXPECT_LE(b_hz.max().item<double>(), std::log(double(T - 1)) + 1e-6);
+    EXPECT_GT(b_hz.max().item<double>(), std::log(T / 4.0)) << "no slow units among " << width;
+    EXPECT_NE(params["bias_hh_l0"].narrow(0, 0, width).abs().max().item<double>(), 0.0) << "reset gate bias untouched";
+  }
+  const double chrono = retained(T), plain = retained(0);
+  EXPECT_GT(chrono, 0.3) << "chrono-initialised units forgot within " << steps << " steps";
+  EXPECT_LT(plain, 0.1) << "the default GRU was expected to forget";
+  EXPECT_GT(chrono, 5 * plain);
 }
 
 // ---- PPO -------------------------------------------------------------------------------------------
