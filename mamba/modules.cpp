@@ -95,10 +95,20 @@ at::ScalarType MambaImpl::state_dtype() const { return ops::state_dtype_for(in_p
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> MambaImpl::ssm_params() const {
   const auto t = state_dtype();
-  return {-at::exp(A_log.to(t)), D.to(t), dt_proj->bias.to(t)};
+  const auto cast = [t](const at::Tensor& p) { return p.to(t); };
+  return {derived_.A.get(A_log, int64_t(t), [t](const at::Tensor& a) { return -at::exp(a.to(t)); }),
+          derived_.D.get(D, int64_t(t), cast), derived_.dt_bias.get(dt_proj->bias, int64_t(t), cast)};
 }
 
-std::optional<at::Tensor> MambaImpl::conv_bias() const { return maybe(conv1d->bias); }
+std::tuple<at::Tensor, std::optional<at::Tensor>> MambaImpl::conv_params() const {
+  // Already in the op's arithmetic dtype, so that its own cast is a no-op.
+  const auto t = state_dtype();
+  const auto weight = derived_.conv_weight.get(conv1d->weight, int64_t(t), [t](const at::Tensor& w) {
+    return w.squeeze(1).to(t).contiguous();
+  });
+  if (!conv1d->bias.defined()) return {weight, std::nullopt};
+  return {weight, derived_.conv_bias.get(conv1d->bias, int64_t(t), [t](const at::Tensor& b) { return b.to(t); })};
+}
 
 at::Tensor MambaImpl::forward(const at::Tensor& x, MambaInferenceState* state, const OptionalMask& reset) {
   TORCH_CHECK(x.dim() == 3 && x.size(2) == options.d_model(),
@@ -113,7 +123,8 @@ at::Tensor MambaImpl::forward(const at::Tensor& x, MambaInferenceState* state, c
   const auto& b_in = in_proj->bias;
   const auto u = project(w_in.narrow(0, 0, d_inner), b_in.defined() ? b_in.narrow(0, 0, d_inner) : b_in, xT);
   const auto z = project(w_in.narrow(0, d_inner, d_inner), b_in.defined() ? b_in.narrow(0, d_inner, d_inner) : b_in, xT);
-  const auto [xc, conv_state] = ops::causal_conv1d(u, conv1d->weight.squeeze(1), conv_bias(),
+  const auto [conv_weight, conv_bias] = conv_params();
+  const auto [xc, conv_state] = ops::causal_conv1d(u, conv_weight, conv_bias,
                                                    state ? maybe(state->conv_state) : std::nullopt, reset,
                                                    /*silu=*/true);
   const auto x_dbl = project(x_proj->weight, {}, xc);                        // [batch, dt_rank + 2N, L]
@@ -137,7 +148,7 @@ at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, cons
   // conv update + SiLU, x_proj, dt_proj, state update and gate in one op: fused kernels on CUDA,
   // the separate decode ops (as forward's arithmetic) on the CPU.
   const auto y = ops::mamba_mixer_step(in_proj->forward(x), state.conv_state, state.ssm_state,
-                                       conv1d->weight.squeeze(1), conv_bias(), x_proj->weight, dt_proj->weight,
+                                       conv1d->weight.squeeze(1), maybe(conv1d->bias), x_proj->weight, dt_proj->weight,
                                        dt_proj->bias, A_log, D, reset);
   return out_proj->forward(y);
 }
@@ -270,7 +281,14 @@ void MambaLMHeadModelImpl::reset() {
 }
 
 at::Tensor MambaLMHeadModelImpl::logits(const at::Tensor& hidden) {
-  return lm_head ? lm_head->forward(hidden) : at::linear(hidden, backbone->embeddings->weight);
+  const at::Tensor& W = lm_head ? lm_head->weight : backbone->embeddings->weight;  // [vocab, d], no bias
+  // forward's final hidden is a [batch, L, d] view of channels-first memory, which linear would
+  // first copy; a batched matmul takes each [L, d] matrix as a transposed operand instead. Not
+  // where W takes a gradient: the broadcast W's backward would build a [batch, d, vocab] buffer.
+  if (hidden.dim() == 3 && hidden.size(1) > 1 && hidden.stride(1) == 1 &&
+      !(at::GradMode::is_enabled() && W.requires_grad()))
+    return at::bmm(hidden, W.t().unsqueeze(0).expand({hidden.size(0), W.size(1), W.size(0)}));
+  return at::linear(hidden, W);
 }
 
 at::Tensor MambaLMHeadModelImpl::forward(const at::Tensor& input_ids, MambaStackState* state,

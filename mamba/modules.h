@@ -38,6 +38,7 @@
 #include <tuple>
 
 #include "mamba/config.h"
+#include "mamba/derived_tensor.h"
 #include "state/state.h"
 
 namespace statemamba {
@@ -87,9 +88,15 @@ class MambaImpl : public torch::nn::Cloneable<MambaImpl> {
   at::Tensor D;                       // [d_inner]
 
  private:
-  // A, D and Δ's bias in the ops' parameter dtype.
+  // A, D and Δ's bias in the state dtype; the conv's weight [d_inner, d_conv] and bias in the
+  // state dtype (the conv op's arithmetic dtype). Kept between inference calls (DerivedTensor).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> ssm_params() const;
-  std::optional<at::Tensor> conv_bias() const;
+  std::tuple<at::Tensor, std::optional<at::Tensor>> conv_params() const;
+
+  struct DerivedParams {
+    DerivedTensor A, D, dt_bias, conv_weight, conv_bias;
+  };
+  mutable DerivedParams derived_;
 
   std::optional<MambaInferenceState> held_;
 };

@@ -553,4 +553,73 @@ TEST(CudaAddRmsNorm, BackwardMatchesCpu) {
   for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(gpu[i], cpu[i]), 1e-5) << "gradient " << i;
 }
 
+
+// ---- selective scan: B and C read in place (begin) -----------------------------------------------
+// Mamba's forward passes B and C as narrow()s of x_proj's [batch, dt_rank + 2N, L] output; the
+// fast kernels read them with that batch stride instead of copying them. Same bits as contiguous
+// copies, forward and backward, on the 16-byte path (L a multiple of 8), the element path (L = 37)
+// and a batch stride that is not a whole number of 16-byte vectors.
+
+// The case with B and C moved into `B`/`C` views of other memory (values unchanged).
+ScanCase with_bc_views(const ScanCase& c, const at::Tensor& B, const at::Tensor& C) {
+  ScanCase o = c;
+  o.B = B, o.C = C;
+  o.B.copy_(c.B), o.C.copy_(c.C);
+  return o;
+}
+
+void expect_scan_bit_equal(const ScanCase& strided, const ScanCase& contiguous, uint64_t seed) {
+  const auto [y, final_state] = contiguous.run();
+  const auto [y_s, final_state_s] = strided.run();
+  expect_bit_equal(y_s, y, "y");
+  expect_bit_equal(final_state_s, final_state, "final_state");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const at::Tensor gy = at::randn(y.sizes(), gen, at::kDouble).to(y.scalar_type()).to(kCuda);
+  const OptTensor gfinal = at::randn(final_state.sizes(), gen, at::kDouble).to(at::kFloat).to(kCuda);
+  auto backward = [&](const ScanCase& c) {
+    return ops::selective_scan_backward(gy, gfinal, c.u, c.delta, c.A, c.B, c.C, c.D, c.z, c.delta_bias, c.softplus,
+                                        c.initial_state, c.reset);
+  };
+  const auto g = backward(contiguous), g_s = backward(strided);
+  expect_bit_equal(std::get<0>(g_s), std::get<0>(g), "du");
+  expect_bit_equal(std::get<1>(g_s), std::get<1>(g), "ddelta");
+  expect_bit_equal(std::get<2>(g_s), std::get<2>(g), "dA");
+  expect_bit_equal(std::get<3>(g_s), std::get<3>(g), "dB");
+  expect_bit_equal(std::get<4>(g_s), std::get<4>(g), "dC");
+  expect_bit_equal(std::get<5>(g_s), std::get<5>(g), "dD");
+  expect_bit_equal(std::get<6>(g_s), std::get<6>(g), "dz");
+  expect_bit_equal(std::get<7>(g_s), std::get<7>(g), "ddelta_bias");
+  expect_bit_equal(std::get<8>(g_s), std::get<8>(g), "dinitial_state");
+  EXPECT_TRUE(std::get<3>(g_s).is_contiguous() && std::get<4>(g_s).is_contiguous()) << "dB, dC come contiguous";
+}
+
+TEST(CudaScanStridedBC, NarrowedBAndCEqualContiguousCopiesBitForBit) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (int64_t N : {16, 32}) {
+      for (int64_t L : {37, 64}) {
+        ScanOptions o;  // with D, z, delta_bias, softplus, an initial state and resets
+        o.batch = 3, o.dim = 40, o.dstate = N, o.seqlen = L, o.dtype = dtype, o.reset_probability = 0.05;
+        o.seed = 300 + N + L;
+        const ScanCase c = on(ScanCase::random(o), kCuda);
+        const int64_t rank = 3;  // x_proj's rows: Δ's rank, then B, then C
+        const auto x_dbl = at::zeros({o.batch, rank + 2 * N, L}, c.B.options());
+        const ScanCase narrowed = with_bc_views(c, x_dbl.narrow(1, rank, N), x_dbl.narrow(1, rank + N, N));
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " N " + std::to_string(N) + " L " + std::to_string(L));
+        ASSERT_FALSE(narrowed.B.is_contiguous());
+        expect_scan_bit_equal(narrowed, c, o.seed);
+
+        // A batch stride of an odd number of elements: rows stay contiguous, not 16-byte aligned.
+        const int64_t stride = 2 * N * L + 3;
+        const auto flat = at::zeros({o.batch * stride}, c.B.options());
+        const ScanCase odd = with_bc_views(c, flat.as_strided({o.batch, N, L}, {stride, L, 1}, 0),
+                                           flat.as_strided({o.batch, N, L}, {stride, L, 1}, N * L));
+        SCOPED_TRACE("odd batch stride");
+        expect_scan_bit_equal(odd, c, o.seed + 1);
+      }
+    }
+  }
+}
+// ---- selective scan: B and C read in place (end) -------------------------------------------------
+
 }  // namespace

@@ -334,6 +334,148 @@ TEST(Training, GradientsFlowThroughChunksAndIntoTheState) {
   }
 }
 
+// ---- parameter-derived tensors (A, D, the Δ bias, the conv's weight and bias) ------------------------
+// Inference keeps them between calls (DerivedTensor); every change of a parameter must show.
+
+// A new model of `model`'s config and dtype with its current parameter values (one that never ran).
+MambaLMHeadModel fresh_copy(const MambaLMHeadModel& model) {
+  MambaLMHeadModel fresh(model->options);
+  fresh->to(model->backbone->embeddings->weight.scalar_type());
+  torch::NoGradGuard no_grad;
+  const auto source = model->named_parameters();
+  for (auto& p : fresh->named_parameters()) p.value().copy_(source[p.key()]);
+  return fresh;
+}
+
+// The parameters each forward derives tensors from, of one layer's mixer, by name.
+std::vector<std::pair<std::string, at::Tensor>> derived_sources(const Mamba& mixer) {
+  return {{"A_log", mixer->A_log},
+          {"D", mixer->D},
+          {"dt_proj.bias", mixer->dt_proj->bias},
+          {"conv1d.weight", mixer->conv1d->weight},
+          {"conv1d.bias", mixer->conv1d->bias}};
+}
+
+TEST(DerivedParams, InPlaceChangesReachTheNextForward) {
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    auto model = make_model(dtype);
+    const auto ids = tokens(2, 10);
+    torch::NoGradGuard no_grad;
+    at::Tensor before = model->forward(ids);  // derives (and keeps) every layer's tensors
+    for (const auto& [name, param] : derived_sources(model->backbone->layer(1)->mixer)) {
+      const std::string what = std::string(c10::toString(dtype)) + " " + name;
+      param.mul_(1.5).add_(0.25);
+      const auto after = model->forward(ids);
+      EXPECT_TRUE(at::equal(after, fresh_copy(model)->forward(ids))) << what;
+      EXPECT_GT(max_diff(after.to(at::kFloat), before.to(at::kFloat)), 0) << what << " changed nothing";
+      before = after;
+    }
+  }
+}
+
+TEST(DerivedParams, OptimizerStepsAndDtypeMovesReachTheNextForward) {
+  const auto ids = tokens(2, 10);
+  torch::manual_seed(5);
+  const auto weights = torch::randn({2, 10, tiny_config().padded_vocab_size()});
+  // Adam's steps bump the parameters' versions; libtorch's SGD writes through .data(), which does
+  // not: the gradient that changed before the step shows it.
+  for (bool adam : {false, true}) {
+    auto model = make_model(at::kFloat);
+    std::unique_ptr<torch::optim::Optimizer> optimizer;
+    if (adam) optimizer = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.01));
+    else optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.02));
+    at::Tensor before;
+    {
+      torch::NoGradGuard no_grad;
+      before = model->forward(ids);
+    }
+    for (int step = 0; step < 3; ++step) {
+      const std::string what = std::string(adam ? "Adam" : "SGD") + " step " + std::to_string(step);
+      optimizer->zero_grad(/*set_to_none=*/step != 1);
+      (model->forward(ids) * weights).sum().backward();
+      optimizer->step();
+      torch::NoGradGuard no_grad;
+      const auto after = model->forward(ids);
+      EXPECT_TRUE(at::equal(after, fresh_copy(model)->forward(ids))) << what;
+      EXPECT_GT(max_diff(after, before), 1e-3) << what << " changed nothing";
+      before = after;
+    }
+  }
+  // float32 -> bfloat16 -> float32: new storage each time (a freed one's address may come back).
+  auto model = make_model(at::kFloat);
+  torch::NoGradGuard no_grad;
+  model->forward(ids);
+  for (auto dtype : {at::kBFloat16, at::kFloat}) {
+    model->to(dtype);
+    EXPECT_TRUE(at::equal(model->forward(ids), fresh_copy(model)->forward(ids))) << c10::toString(dtype);
+  }
+}
+
+// With grad enabled the derived tensors are recomputed in the graph: the parameters' gradients
+// match central differences (whose perturbations in place also exercise the kept tensors).
+TEST(DerivedParams, GradientsStillReachTheParameters) {
+  auto model = make_model(at::kDouble);
+  const auto ids = tokens(2, 8);
+  torch::manual_seed(6);
+  const auto weights = torch::randn({2, 8, tiny_config().padded_vocab_size()}, torch::kDouble);
+  auto loss = [&] { return (model->forward(ids) * weights).sum(); };
+  {
+    torch::NoGradGuard no_grad;
+    loss();  // derived tensors kept from an inference call first
+  }
+  model->zero_grad();
+  loss().backward();
+  const double eps = 1e-6;
+  for (const auto& [name, param] : derived_sources(model->backbone->layer(0)->mixer)) {
+    ASSERT_TRUE(param.grad().defined()) << name;
+    for (int64_t k : {int64_t(0), int64_t(5), param.numel() - 1}) {
+      auto perturbed = [&, &param = param](double delta) {
+        torch::NoGradGuard no_grad;
+        param.view(-1)[k] += delta;
+        const double l = loss().item<double>();
+        param.view(-1)[k] -= delta;
+        return l;
+      };
+      const double numeric = (perturbed(eps) - perturbed(-eps)) / (2 * eps);
+      const double analytic = param.grad().view(-1)[k].item<double>();
+      EXPECT_NEAR(analytic, numeric, 1e-6 * (1 + std::abs(numeric))) << name << " element " << k;
+      EXPECT_GT(std::abs(analytic), 1e-8) << name << " element " << k << ": a test that cannot fail";
+    }
+  }
+
+  // Frozen parameters (the kept tensors serve a grad-enabled call): the state's gradient is unchanged.
+  auto state_grad = [&] {
+    auto state = zeros_for(model, 2);
+    torch::manual_seed(7);
+    auto& leaf = state.layers[0].ssm_state;
+    leaf = torch::randn_like(leaf).requires_grad_();
+    const auto initial = leaf;
+    (model->forward(ids, &state) * weights).sum().backward();
+    return initial.grad();
+  };
+  const auto trained = state_grad();
+  for (auto& p : model->parameters()) p.requires_grad_(false);
+  expect_close(state_grad(), trained, {1e-12, 1e-12}, "frozen model's state gradient");
+}
+
+// The logits of a channels-first hidden (forward's) are computed without copying it: the same as
+// linear on a contiguous copy, tied or untied, and whether or not the head takes a gradient.
+TEST(DerivedParams, LogitsMatchLinearOnAContiguousHidden) {
+  for (bool tied : {true, false}) {
+    auto model = make_model(at::kFloat, tiny_config().tie_embeddings(tied));
+    const auto ids = tokens(3, 9);
+    const auto& W = tied ? model->backbone->embeddings->weight : model->lm_head->weight;
+    const auto with_grad = model->forward(ids);  // the head's weight takes a gradient: linear
+    torch::NoGradGuard no_grad;
+    const auto hidden = model->backbone->forward(ids);
+    ASSERT_EQ(hidden.stride(1), 1) << "the test needs forward's channels-first hidden";
+    const auto logits = model->forward(ids);
+    EXPECT_TRUE(logits.is_contiguous());
+    expect_close(logits, at::linear(hidden.contiguous(), W), tol_for(at::kFloat), tied ? "tied" : "untied");
+    expect_close(logits, with_grad.detach(), tol_for(at::kFloat), tied ? "tied, grad" : "untied, grad");
+  }
+}
+
 // ---- dtypes -----------------------------------------------------------------------------------------
 
 TEST(Dtypes, StateStaysFloat32ForReducedPrecisionModels) {

@@ -54,6 +54,9 @@ struct ScanParams {
   float *hT, *ckpt, *dh0, *dA, *dB, *dC, *dD, *dbias;
   int batch, dim, dstate, G;
   int64_t L;
+  // Elements between consecutive batch entries of B and C, whose rows are otherwise contiguous
+  // ([batch][N][L] with any batch stride: a narrow() of x_proj's output is read in place).
+  int64_t B_bstride, C_bstride;
   bool softplus, aligned;
 };
 
@@ -144,8 +147,8 @@ __global__ void __launch_bounds__(kThreads, 3) scan_fwd_kernel(const ScanParams<
   const T* gu = p.u + rowoff;
   const T* gdelta = p.delta + rowoff;
   const T* gz = !kCkpt && p.z ? p.z + rowoff : nullptr;
-  const T* gB = p.B + int64_t(b) * N * L;
-  const T* gC = p.C + int64_t(b) * N * L;
+  const T* gB = p.B + int64_t(b) * p.B_bstride;
+  const T* gC = p.C + int64_t(b) * p.C_bstride;
 
   float A2[kStates], h[kStates];
 #pragma unroll
@@ -331,8 +334,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_bwd_kernel(const ScanParams<
   const T* gdelta = p.delta + rowoff;
   const T* gz = p.z ? p.z + rowoff : nullptr;
   const T* ggy = p.gy + rowoff;
-  const T* gB = p.B + int64_t(b) * N * L;
-  const T* gC = p.C + int64_t(b) * N * L;
+  const T* gB = p.B + int64_t(b) * p.B_bstride;
+  const T* gC = p.C + int64_t(b) * p.C_bstride;
 
   float A2[kStates], dh[kStates], dAacc[kStates];
 #pragma unroll
@@ -708,12 +711,21 @@ bool use_fast_path(const ScanDims& s) { return s.state_dtype == at::kFloat && s.
 
 int lanes_for(int64_t N) { return std::max(kMinLanes, pow2_ceil(ceil_div(N, kStates))); }
 
+// B or C as the fast kernels read it: rows of L contiguous elements, L apart within a batch entry,
+// batch entries any distance apart (B and C are narrow()s of x_proj's [batch, rows, L] output,
+// read in place). Any other layout is copied.
+at::Tensor batch_strided_rows(const at::Tensor& t) {
+  const bool rows = (t.size(2) == 1 || t.stride(2) == 1) && (t.size(1) == 1 || t.stride(1) == t.size(2));
+  return rows && t.stride(0) >= 0 ? t : t.contiguous();
+}
+
 template <typename T>
 ScanParams<T> fast_params(const ScanDims& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                           const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
                           const at::Tensor& bias, const at::Tensor& h0, const at::Tensor& reset, bool softplus) {
   ScanParams<T> p{};
   p.u = u.data_ptr<T>(), p.delta = delta.data_ptr<T>(), p.B = B.data_ptr<T>(), p.C = C.data_ptr<T>();
+  p.B_bstride = B.stride(0), p.C_bstride = C.stride(0);  // B, C from batch_strided_rows
   p.z = ptr<T>(z);
   p.A = A.data_ptr<float>(), p.D = ptr<float>(D), p.bias = ptr<float>(bias), p.h0 = ptr<float>(h0);
   p.reset = ptr<bool>(reset);
@@ -723,10 +735,12 @@ ScanParams<T> fast_params(const ScanDims& s, const at::Tensor& u, const at::Tens
   return p;
 }
 
-// 16-byte paths: every row of every [.., L] tensor starts 16-byte aligned.
+// 16-byte paths: every row of every [.., L] tensor starts 16-byte aligned (B's and C's batch
+// strides included).
 template <typename T>
 bool rows_aligned(const ScanParams<T>& p) {
-  bool ok = p.L * int64_t(sizeof(T)) % 16 == 0;
+  const int64_t elem = sizeof(T);
+  bool ok = p.L * elem % 16 == 0 && p.B_bstride * elem % 16 == 0 && p.C_bstride * elem % 16 == 0;
   for (const void* q : {(const void*)p.u, (const void*)p.delta, (const void*)p.z, (const void*)p.B, (const void*)p.C,
                         (const void*)p.gy, (const void*)p.y, (const void*)p.du, (const void*)p.ddelta,
                         (const void*)p.dz})
@@ -812,7 +826,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cuda(
     return {y.to(u.scalar_type()), final_state};
   }
 
-  const at::Tensor uc = u.contiguous(), deltac = delta.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
+  const at::Tensor uc = u.contiguous(), deltac = delta.contiguous(), Bc = batch_strided_rows(B),
+                   Cc = batch_strided_rows(C);
   const at::Tensor zc = contig_or_undef(z), Af = A.to(at::kFloat).contiguous();
   const at::Tensor Df = as_dtype(D, at::kFloat), biasf = as_dtype(delta_bias, at::kFloat);
   const at::Tensor h0 = contig_or_undef(initial_state), rst = contig_or_undef(reset);
@@ -873,7 +888,8 @@ selective_scan_backward_cuda(const at::Tensor& grad_y, const std::optional<at::T
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {
-    const at::Tensor uc = u.contiguous(), deltac = delta.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
+    const at::Tensor uc = u.contiguous(), deltac = delta.contiguous(), Bc = batch_strided_rows(B),
+                   Cc = batch_strided_rows(C);
     const at::Tensor zc = contig_or_undef(z), Af = A.to(at::kFloat).contiguous();
     const at::Tensor Df = as_dtype(D, at::kFloat), biasf = as_dtype(delta_bias, at::kFloat);
     const at::Tensor h0 = contig_or_undef(initial_state), rst = contig_or_undef(reset);
