@@ -553,6 +553,62 @@ TEST(CudaAddRmsNorm, BackwardMatchesCpu) {
   for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(gpu[i], cpu[i]), 1e-5) << "gradient " << i;
 }
 
+// ---- add_rms_norm: channel-major tile kernels (begin) --------------------------------------------
+// ops/cuda/add_rms_norm_kernel.cu picks, for channel-major memory, a compile-time-dtype tile kernel
+// (16-byte accesses when every pointer is 16-byte aligned and L % 8 == 0, else element accesses), a
+// run-time-dtype tile kernel for other dtype combinations, or the re-reading kernel when C is too
+// large for a tile in shared memory. Each must give the row kernel's bits.
+
+// A channel-major copy of t ([B, L, C]) placed `shift` elements into its buffer (1: misaligned).
+at::Tensor channel_major_shifted(const at::Tensor& t, int64_t shift) {
+  const int64_t B = t.size(0), L = t.size(1), C = t.size(2);
+  const at::Tensor buffer = at::empty({B * C * L + shift}, t.options());
+  at::Tensor cm = buffer.narrow(0, shift, B * C * L).view({B, C, L}).transpose(1, 2);
+  cm.copy_(t);
+  return cm;
+}
+
+TEST(CudaAddRmsNorm, ChannelMajorKernelsEqualRowKernelBitForBit) {
+  SKIP_WITHOUT_CUDA();
+  using OptType = std::optional<at::ScalarType>;
+  struct Case {
+    const char* what;
+    at::ScalarType hidden, weight;
+    OptType residual, residual_dtype;
+    int64_t L, C, shift;
+  };
+  const auto bf16 = at::kBFloat16, f32 = at::kFloat;
+  const Case cases[] = {
+      {"bf16, fp32 residual: 16-byte accesses", bf16, bf16, f32, f32, 64, 768, 0},
+      {"bf16, fp32 residual: L % 8 != 0", bf16, bf16, f32, f32, 61, 768, 0},
+      {"bf16, fp32 residual: misaligned", bf16, bf16, f32, f32, 64, 768, 1},
+      {"bf16, no residual, fp32 residual_out", bf16, bf16, std::nullopt, f32, 72, 768, 0},
+      {"bf16, bf16 residual", bf16, bf16, bf16, std::nullopt, 40, 200, 0},
+      {"fp32", f32, f32, f32, std::nullopt, 24, 96, 0},
+      {"fp16 hidden, fp32 weight: run-time dtypes", at::kHalf, f32, f32, f32, 64, 768, 0},
+      {"fp64: run-time dtypes", at::kDouble, at::kDouble, at::kDouble, std::nullopt, 40, 256, 0},
+      {"C too large for a tile: re-reading kernel", bf16, bf16, f32, f32, 16, 8192, 0},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.what);
+    torch::manual_seed(k.L + k.C);
+    const int64_t B = 3;
+    const auto on_gpu = torch::TensorOptions(kCuda);
+    const at::Tensor h = torch::randn({B, k.L, k.C}, on_gpu).to(k.hidden);
+    const at::Tensor r = k.residual ? torch::randn({B, k.L, k.C}, on_gpu).to(*k.residual) : at::Tensor();
+    const at::Tensor w = torch::rand({k.C}, on_gpu).add(0.5).to(k.weight);
+    const auto maybe = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    const auto [n_row, r_row] = ops::add_rms_norm(h, maybe(r), w, 1e-5, k.residual_dtype);
+    const at::Tensor h_cm = channel_major_shifted(h, k.shift);
+    const at::Tensor r_cm = r.defined() ? channel_major_shifted(r, k.shift) : at::Tensor();
+    const auto [n_cm, r_out_cm] = ops::add_rms_norm(h_cm, maybe(r_cm), w, 1e-5, k.residual_dtype);
+    EXPECT_EQ(n_cm.strides(), h_cm.strides());
+    expect_bit_equal(n_cm.contiguous(), n_row, "normed");
+    expect_bit_equal(r_out_cm.contiguous(), r_row, "residual_out");
+  }
+}
+// ---- add_rms_norm: channel-major tile kernels (end) ----------------------------------------------
+
 
 // ---- selective scan: B and C read in place (begin) -----------------------------------------------
 // Mamba's forward passes B and C as narrow()s of x_proj's [batch, dt_rank + 2N, L] output; the
