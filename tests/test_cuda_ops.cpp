@@ -613,7 +613,7 @@ TEST(CudaAddRmsNorm, ChannelMajorKernelsEqualRowKernelBitForBit) {
 // ---- selective scan: B and C read in place (begin) -----------------------------------------------
 // Mamba's forward passes B and C as narrow()s of x_proj's [batch, dt_rank + 2N, L] output; the
 // fast kernels read them with that batch stride instead of copying them. Same bits as contiguous
-// copies, forward and backward, on the 16-byte path (L a multiple of 8), the element path (L = 37)
+// copies, forward and backward (atomically reduced gradients: to rounding), on the 16-byte path (L a multiple of 8), the element path (L = 37)
 // and a batch stride that is not a whole number of 16-byte vectors.
 
 // The case with B and C moved into `B`/`C` views of other memory (values unchanged).
@@ -639,17 +639,22 @@ void expect_scan_bit_equal(const ScanCase& strided, const ScanCase& contiguous, 
   const auto g = backward(contiguous), g_s = backward(strided);
   expect_bit_equal(std::get<0>(g_s), std::get<0>(g), "du");
   expect_bit_equal(std::get<1>(g_s), std::get<1>(g), "ddelta");
-  expect_bit_equal(std::get<2>(g_s), std::get<2>(g), "dA");
-  expect_bit_equal(std::get<3>(g_s), std::get<3>(g), "dB");
-  expect_bit_equal(std::get<4>(g_s), std::get<4>(g), "dC");
-  expect_bit_equal(std::get<5>(g_s), std::get<5>(g), "dD");
   expect_bit_equal(std::get<6>(g_s), std::get<6>(g), "dz");
-  expect_bit_equal(std::get<7>(g_s), std::get<7>(g), "ddelta_bias");
   expect_bit_equal(std::get<8>(g_s), std::get<8>(g), "dinitial_state");
+  // dA, dB, dC, dD and ddelta_bias are sums over channels or positions that the kernels gather
+  // with atomicAdd, in an order that differs from run to run even on identical inputs (the H100
+  // showed differences of up to 2e-6 between two runs): equal to rounding.
+  const bool half = std::get<3>(g).scalar_type() != at::kFloat;
+  const Tolerance reduced = half ? Tolerance{1e-2, 1e-3} : Tolerance{1e-5, 1e-5};
+  expect_close(std::get<2>(g_s), std::get<2>(g), {1e-5, 1e-5}, "dA");
+  expect_close(std::get<3>(g_s), std::get<3>(g), reduced, "dB");
+  expect_close(std::get<4>(g_s), std::get<4>(g), reduced, "dC");
+  expect_close(std::get<5>(g_s), std::get<5>(g), {1e-5, 1e-5}, "dD");
+  expect_close(std::get<7>(g_s), std::get<7>(g), {1e-5, 1e-5}, "ddelta_bias");
   EXPECT_TRUE(std::get<3>(g_s).is_contiguous() && std::get<4>(g_s).is_contiguous()) << "dB, dC come contiguous";
 }
 
-TEST(CudaScanStridedBC, NarrowedBAndCEqualContiguousCopiesBitForBit) {
+TEST(CudaScanStridedBC, NarrowedBAndCEqualContiguousCopies) {
   SKIP_WITHOUT_CUDA();
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     for (int64_t N : {16, 32}) {

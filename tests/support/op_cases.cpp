@@ -74,7 +74,7 @@ Tolerance output_tolerance(at::ScalarType t) {
 
 void expect_close(const at::Tensor& actual, const at::Tensor& expected, Tolerance tol, const std::string& what) {
   ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
-  const auto a = actual.to(at::kDouble).contiguous(), e = expected.to(at::kDouble).contiguous();
+  const auto a = actual.to(at::kCPU, at::kDouble).contiguous(), e = expected.to(at::kCPU, at::kDouble).contiguous();
   const double *pa = a.data_ptr<double>(), *pe = e.data_ptr<double>();
   int64_t bad = 0, worst = -1;
   double worst_excess = 0;
