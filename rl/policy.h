@@ -70,7 +70,9 @@ struct PolicyOptions {
   // The bits reach an answer only through B (the write into the state) times C (the read): with
   // both at the default size the product is tiny in a one-layer policy, and learning sits on a
   // plateau (2 bits, delay 16, supervised: no progress in 400 steps at 1x; 90% after ~180 at 4x).
-  double bc_init_scale = 4;
+  // Longer delays want more (PPO, 4 bits, 1024 envs, H100): delay 16, 90% after 91 updates at 4x,
+  // 57 at 16x; delay 100, still at chance after 623 updates at 4x, 93% after 350 at 16x.
+  double bc_init_scale = 16;
   // GRU only: chrono initialisation (Tallec & Ollivier, 2018) when > 1. The update gate's bias
   // starts at log(u), u ~ U(1, gru_memory - 1), so unit i keeps its value for about 1 + u_i steps
   // instead of ~2 (nn::GRU's default bias, zero on average, forgets half of the state every step).

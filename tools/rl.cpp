@@ -171,7 +171,7 @@ cxxopts::Options make_cli() {
        cxxopts::value<double>()->default_value("0.001"))
       ("dt-max", "Mamba: largest initial step size", cxxopts::value<double>()->default_value("0.1"))
       ("bc-init-scale", "Mamba: B and C start this many times nn.Linear's default size (see rl/policy.h)",
-       cxxopts::value<double>()->default_value("4"))
+       cxxopts::value<double>()->default_value("16"))
       ("gru-memory", "GRU: chrono initialisation, units keep their value for up to this many steps at the start: "
        "a number > 2, auto (twice the episode length) or off (nn::GRU's default, which forgets within a few steps)",
        cxxopts::value<std::string>()->default_value("auto"));
