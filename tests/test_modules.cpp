@@ -9,6 +9,7 @@
 #include <random>
 #include <set>
 
+#include "mamba/derived_tensor.h"
 #include "mamba/modules.h"
 #include "support/expect_error.h"
 #include "support/tmpdir.h"
@@ -354,6 +355,28 @@ std::vector<std::pair<std::string, at::Tensor>> derived_sources(const Mamba& mix
           {"dt_proj.bias", mixer->dt_proj->bias},
           {"conv1d.weight", mixer->conv1d->weight},
           {"conv1d.bias", mixer->conv1d->bias}};
+}
+
+// The cache itself: in inference, derive() runs once per parameter value, not once per call.
+TEST(DerivedParams, InferenceDerivesOncePerParameterValue) {
+  statemamba::DerivedTensor cache;
+  auto param = torch::nn::Linear(4, 3)->weight;  // requires grad, as a module's parameters do
+  int calls = 0;
+  auto derive = [&](const at::Tensor& w) { ++calls; return -at::exp(w.to(at::kDouble)); };
+  {
+    torch::NoGradGuard no_grad;
+    const at::Tensor a = cache.get(param, 0, derive), b = cache.get(param, 0, derive);
+    EXPECT_EQ(calls, 1);
+    EXPECT_TRUE(a.is_same(b));
+    cache.get(param, 1, derive);  // another tag (e.g. target dtype)
+    EXPECT_EQ(calls, 2);
+    param.add_(1);  // an in-place write bumps the version
+    EXPECT_TRUE(at::allclose(cache.get(param, 1, derive), -at::exp(param.to(at::kDouble))));
+    EXPECT_EQ(calls, 3);
+  }
+  cache.get(param, 1, derive);  // grad mode on and a parameter that requires grad: never cached
+  cache.get(param, 1, derive);
+  EXPECT_EQ(calls, 5);
 }
 
 TEST(DerivedParams, InPlaceChangesReachTheNextForward) {
