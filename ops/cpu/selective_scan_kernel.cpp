@@ -149,6 +149,34 @@ struct BackwardOutputs {
   int64_t groups;
 };
 
+// One step of the recurrence with Δ_t given (the backward computes it once per step): the same
+// arithmetic as Row::step (cpu::ssm_step), so the recomputed states are the forward's to the bit;
+// `a` receives e^(Δ_t·A), which the gradient needs too.
+template <typename T>
+SM_ALWAYS_INLINE void replay_step(const Row<T>& r, T* __restrict h, T* __restrict a, T dt, int64_t t) {
+  const int64_t N = r.N;
+  if (r.resets(t)) std::fill(h, h + N, T(0));
+  const T dtu = dt * r.u[t];
+  const T* __restrict Bv = r.Bt + t * N;
+  cpu::decay(a, r.A, dt, N);
+  for (int64_t n = 0; n < N; ++n) h[n] = a[n] * h[n] + dtu * Bv[n];
+}
+
+// The backward step's elementwise part: dh += gy·C, then the gradients w.r.t. C, B and A that
+// read it. No pointer aliases another (restrict), so GCC vectorises it; no sum is reordered.
+template <typename T>
+SM_ALWAYS_INLINE void accumulate_state_grads(T* __restrict dh, T* __restrict dC, T* __restrict dB, T* __restrict dA,
+                                             const T* __restrict C, const T* __restrict h,
+                                             const T* __restrict prev, const T* __restrict a, T gy, T dtu, T dt,
+                                             int64_t N) {
+  for (int64_t n = 0; n < N; ++n) {
+    dh[n] += gy * C[n];
+    dC[n] += gy * h[n];
+    dB[n] += dh[n] * dtu;
+    dA[n] += dh[n] * prev[n] * a[n] * dt;
+  }
+}
+
 // Tasks [begin, end) of the backward pass; a task is one batch entry's group of channels.
 template <typename T>
 SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bool softplus_,
@@ -156,8 +184,10 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
   const int64_t Dn = s.dim, N = s.dstate, L = s.seqlen, groups = o.groups;
   const int64_t per_group = (Dn + groups - 1) / groups;
   const int64_t nchunks = (L + kChunk - 1) / kChunk;
-  std::vector<T> checkpoints(nchunks * N), states(kChunk * N), dh(N), prev(N), h(N), a(N);
+  std::vector<T> checkpoints(nchunks * N), states(kChunk * N), decays(kChunk * N), dh(N), prev(N), h(N);
+  std::vector<T> dts(L), dt_grads(L);  // Δ_t after softplus, and dΔ_t/dΔ_raw
   const ScanPointers<T> p(in);
+  auto step = [&](const Row<T>& r, T* hs, T* a, int64_t t) { replay_step(r, hs, a, dts[t], t); };
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / groups, g = task % groups;
     T* dB = o.dB_parts.data_ptr<T>() + (b * groups + g) * L * N;
@@ -171,11 +201,16 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
       T* dz_r = o.dz.defined() ? o.dz.data_ptr<T>() + row * L : nullptr;
       T* dA_r = o.dA_rows.data_ptr<T>() + row * N;
       T dD = 0, dbias = 0;
+      // Δ once per step (softplus and its derivative are scalar libm calls), not once per pass.
+      for (int64_t t = 0; t < L; ++t) {
+        dts[t] = r.dt(t);
+        dt_grads[t] = r.softplus ? softplus_grad(r.dt_raw(t)) : T(1);
+      }
       // Pass 1: the state before each chunk.
       r.load_initial(h.data());
       for (int64_t t = 0; t < L; ++t) {
         if (t % kChunk == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (t / kChunk) * N);
-        r.step(h.data(), t);
+        step(r, h.data(), decays.data(), t);
       }
       // Pass 2: chunks in reverse; dh is the gradient w.r.t. the state after step t.
       if (o.gfinal.defined()) std::copy_n(o.gfinal.data_ptr<T>() + row * N, N, dh.begin());
@@ -184,11 +219,12 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
         const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
         std::copy_n(checkpoints.begin() + c * N, N, h.begin());
         for (int64_t t = t0; t < t1; ++t) {
-          r.step(h.data(), t);
+          step(r, h.data(), decays.data() + (t - t0) * N, t);
           std::copy(h.begin(), h.end(), states.begin() + (t - t0) * N);
         }
         for (int64_t t = t1 - 1; t >= t0; --t) {
           const T* ht = states.data() + (t - t0) * N;
+          const T* a = decays.data() + (t - t0) * N;
           // The state this step started from, after its reset.
           if (r.resets(t)) std::fill(prev.begin(), prev.end(), T(0));
           else if (t > t0) std::copy_n(states.data() + (t - t0 - 1) * N, N, prev.begin());
@@ -204,16 +240,9 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
             gyc *= silu(r.z[t]);
           }
           dD += gyc * r.u[t];
-          const T dt_raw = r.dt_raw(t);
-          const T dt = r.softplus ? softplus(dt_raw) : dt_raw, dtu = dt * r.u[t];
-          cpu::decay(a.data(), r.A, dt, N);
+          const T dt = dts[t], dtu = dt * r.u[t];
           // Elementwise over the state (vectorised), then the two sums over it in a fixed order.
-          for (int64_t n = 0; n < N; ++n) {
-            dh[n] += gyc * Cv[n];
-            dCv[n] += gyc * ht[n];
-            dBv[n] += dh[n] * dtu;
-            dA_r[n] += dh[n] * prev[n] * a[n] * dt;
-          }
+          accumulate_state_grads(dh.data(), dCv, dBv, dA_r, Cv, ht, prev.data(), a, gyc, dtu, dt, N);
           T du_t = gyc * r.D, ddt = 0;
           for (int64_t n = 0; n < N; ++n) {
             du_t += dh[n] * dt * Bv[n];
@@ -221,7 +250,7 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
           }
           if (r.resets(t)) std::fill(dh.begin(), dh.end(), T(0));
           else for (int64_t n = 0; n < N; ++n) dh[n] *= a[n];
-          const T ddt_raw = r.softplus ? ddt * softplus_grad(dt_raw) : ddt;
+          const T ddt_raw = r.softplus ? ddt * dt_grads[t] : ddt;
           du_r[t] = du_t;
           ddelta_r[t] = ddt_raw;
           dbias += ddt_raw;
