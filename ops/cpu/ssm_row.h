@@ -61,12 +61,19 @@ SM_ALWAYS_INLINE void ssm_step(T* __restrict h, const T* __restrict A, const T* 
   for (int64_t n = 0; n < N; ++n) h[n] = state_exp(dt * A[n]) * h[n] + dtu * B[n];
 }
 
-// y = C·h + D·u, in a fixed order (so the scan and decode kernels agree to the bit).
+// y = C·h + D·u, in a fixed order (so the scan and decode kernels agree to the bit): 8 interleaved
+// partial sums (partial j over n ≡ j mod 8, in order), which GCC keeps in one vector register
+// instead of a chain of N dependent adds, combined pairwise, then D·u added.
 template <typename T>
 SM_ALWAYS_INLINE T ssm_output(const T* __restrict C, const T* __restrict h, T D, T u, int64_t N) {
-  T acc = D * u;
-  for (int64_t n = 0; n < N; ++n) acc += C[n] * h[n];
-  return acc;
+  constexpr int64_t kParts = 8;
+  T part[kParts] = {};
+  int64_t n = 0;
+  for (; n + kParts <= N; n += kParts)
+    for (int64_t j = 0; j < kParts; ++j) part[j] += C[n + j] * h[n + j];
+  for (int64_t j = 0; n + j < N; ++j) part[j] += C[n + j] * h[n + j];
+  const T sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  return D * u + sum;
 }
 
 }  // namespace statemamba::ops::cpu
