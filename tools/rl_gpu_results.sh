@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The RL results on a GPU machine for BENCHMARKS.md and the README, in one call of about eight minutes:
 #   1. rollout throughput at 1024 environments, Mamba and GRU, eager and CUDA graph (JSON)
-#   2. the seed expectation: both controllers on 4 bits at H = 1000, 200 updates
-#   3. the scale sweep: 4 bits, 64 envs, H = 1000 5000 10000 20000, both controllers, 200 updates
+#   2. the seed expectation: both controllers on 4 bits at H = 1000, 2048 envs, 200 updates
+#   3. the scale sweep: 4 bits, 128 envs (the gradient spans an episode: at H = 20000 that is 80 chunks to replay), H = 1000 5000 10000 20000, both controllers, 200 updates
 # The ten training runs go at once, one process each (small policies leave the GPU mostly idle, so
 # they share it well); each is bounded by its own --time-limit (it then saves its metrics, plot
 # and checkpoint and exits normally) and by `timeout` around it. The sweep's runs write into one
@@ -54,21 +54,24 @@ if [ "$device" = cuda ]; then
 fi
 
 # 2 and 3 at once.
-common=(--device "$device" --num-bits 4 --rollout-len 1024 --minibatches 2 --epochs 4 --total-updates 200
-        --checkpoint-every 25 --time-limit "$train_s" ${RL_EXTRA_ARGS:-})
+# 256-step chunks of many environments: an update at H = 1000 then holds ~250 episodes per 1024
+# envs. The defaults of statemamba-rl (GAE lambda 0.5, GRU chrono init, Mamba B/C scale 16) are
+# the ones that made 4 bits learnable at H = 100 (BENCHMARKS.md).
+common=(--device "$device" --num-bits 4 --rollout-len 256 --minibatches 2 --epochs 4 --total-updates 200
+        --grad-chunks 0 --checkpoint-every 25 --time-limit "$train_s" ${RL_EXTRA_ARGS:-})
 pids=()
 for controller in mamba gru; do
   run "quick-$controller" $((train_s + 60)) --mode quick "${common[@]}" --controller "$controller" --horizon 1000 \
-    --num-envs 256 --grad-chunks 2 --out "$out/quick-$controller" &
+    --num-envs 2048 --out "$out/quick-$controller" &
   pids+=($!)
   for h in 1000 5000 10000 20000; do
     run "scale-$controller-h$h" $((train_s + 60)) --mode quick "${common[@]}" --controller "$controller" --horizon "$h" \
-      --num-envs 64 --grad-chunks 0 --out "$out/scale" &
+      --num-envs 128 --out "$out/scale" &
     pids+=($!)
   done
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-run scale-table 120 --mode scale "${common[@]}" --num-envs 64 --grad-chunks 0 --horizons 1000 5000 10000 20000 \
+run scale-table 120 --mode scale "${common[@]}" --num-envs 128 --horizons 1000 5000 10000 20000 \
   --report-only --out "$out/scale"
 
 {
@@ -84,10 +87,10 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
   done
   echo
-  echo "## 4 bits, H = 1000, 256 envs"
+  echo "## 4 bits, H = 1000, 2048 envs"
   for c in mamba gru; do grep -E "accuracy .* after|stopped" "$out/quick-$c.log" 2>/dev/null | tail -n 2 | sed 's/^/    /'; done
   echo
-  echo "## Scale (64 envs)"
+  echo "## Scale (128 envs)"
   cat "$out/scale/results.md" 2>/dev/null || echo "(no table: see scale-table.log)"
   echo
   echo "total $(($(date +%s) - start)) s"
