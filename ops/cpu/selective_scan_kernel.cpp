@@ -187,7 +187,6 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
   std::vector<T> checkpoints(nchunks * N), states(kChunk * N), decays(kChunk * N), dh(N), prev(N), h(N);
   std::vector<T> dts(L), dt_grads(L);  // Δ_t after softplus, and dΔ_t/dΔ_raw
   const ScanPointers<T> p(in);
-  auto step = [&](const Row<T>& r, T* hs, T* a, int64_t t) { replay_step(r, hs, a, dts[t], t); };
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / groups, g = task % groups;
     T* dB = o.dB_parts.data_ptr<T>() + (b * groups + g) * L * N;
@@ -210,7 +209,7 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
       r.load_initial(h.data());
       for (int64_t t = 0; t < L; ++t) {
         if (t % kChunk == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (t / kChunk) * N);
-        step(r, h.data(), decays.data(), t);
+        replay_step(r, h.data(), decays.data(), dts[t], t);
       }
       // Pass 2: chunks in reverse; dh is the gradient w.r.t. the state after step t.
       if (o.gfinal.defined()) std::copy_n(o.gfinal.data_ptr<T>() + row * N, N, dh.begin());
@@ -219,7 +218,7 @@ SM_ALWAYS_INLINE void backward_tasks(const ScanInputs& in, const ScanDims& s, bo
         const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
         std::copy_n(checkpoints.begin() + c * N, N, h.begin());
         for (int64_t t = t0; t < t1; ++t) {
-          step(r, h.data(), decays.data() + (t - t0) * N, t);
+          replay_step(r, h.data(), decays.data() + (t - t0) * N, dts[t], t);
           std::copy(h.begin(), h.end(), states.begin() + (t - t0) * N);
         }
         for (int64_t t = t1 - 1; t >= t0; --t) {
