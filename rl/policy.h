@@ -131,6 +131,7 @@ class MambaPolicyImpl : public RecurrentPolicyImpl {
 };
 
 // torch::nn::GRU (cuDNN on GPU). Its state is the hidden state, batch first: [N, layers, width].
+// Episodes that restart inside a chunk run as the sequences of a packed batch (see core).
 class GruPolicyImpl : public RecurrentPolicyImpl {
  public:
   GruPolicyImpl(int64_t obs_dim, int64_t num_actions, const PolicyOptions& options);
@@ -142,6 +143,14 @@ class GruPolicyImpl : public RecurrentPolicyImpl {
   torch::nn::GRU gru{nullptr};
 
  protected:
+  // nn::GRU cannot zero a row's state mid-sequence. Cutting the chunk at every step where some
+  // environment restarts would cost one call per piece, and with many environments some restart
+  // at almost every step (2048 envs, episodes of ~1000 steps: ~256 calls per layer for 256 steps).
+  // Instead every environment's row is split at its own restarts and the pieces run as the
+  // sequences of one packed batch (one cuDNN call on GPU), the first piece from the given state,
+  // the later ones from zeros. On the CPU the chunk runs in blocks of a few steps, one packed call
+  // each: nn::GRU's CPU backward of a packed sequence is quadratic in its length. A chunk (block)
+  // with no restart after its first step, and step() (T = 1), run as one plain call.
   std::pair<at::Tensor, RecurrentState> core(const at::Tensor& x, const RecurrentState& state,
                                              const at::Tensor& resets) override;
 };

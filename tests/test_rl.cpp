@@ -235,6 +235,48 @@ TEST(RlPolicy, ChunkEqualsStepsAndResetsActInsideTheChunk) {
   }
 }
 
+// One scalar loss of a chunk's outputs and final state (weighted by fixed random tensors) and its
+// gradients. run(obs, state0) -> (logits, values, final state tensors) is the forward pass to check.
+struct ChunkLoss {
+  at::Tensor logits, values;
+  std::vector<at::Tensor> state;
+
+  ChunkLoss(const at::Tensor& obs, int64_t num_actions, const rl::RecurrentState& s0) {
+    const auto o = obs.options();
+    logits = at::randn({obs.size(0), obs.size(1), num_actions}, o), values = at::randn({obs.size(0), obs.size(1)}, o);
+    for (const auto& t : s0.tensors) state.push_back(at::randn(t.sizes(), o));
+  }
+
+  // The outputs, the final state, then the gradients of every parameter, of the initial state and
+  // of the observations.
+  template <typename Run>
+  std::vector<at::Tensor> outputs_and_gradients(rl::RecurrentPolicyImpl& policy, const at::Tensor& obs,
+                                                const rl::RecurrentState& s0, Run&& run) const {
+    rl::RecurrentState s = s0.clone();
+    for (auto& t : s.tensors) t.requires_grad_(true);
+    const at::Tensor o = obs.clone().requires_grad_(true);
+    policy.zero_grad();
+    auto [l, v, final_state] = run(o, s);
+    at::Tensor loss = (l * logits).sum() + (v * values).sum();
+    for (size_t i = 0; i < state.size(); ++i) loss = loss + (final_state[i] * state[i]).sum();
+    loss.backward();
+    std::vector<at::Tensor> all{l.detach(), v.detach()};
+    for (const auto& t : final_state) all.push_back(t.detach());
+    for (const auto& param : policy.parameters()) all.push_back(param.grad().clone());
+    for (const auto& t : s.tensors) all.push_back(t.grad().clone());
+    all.push_back(o.grad().clone());
+    return all;
+  }
+};
+
+void expect_all_close(const std::vector<at::Tensor>& got, const std::vector<at::Tensor>& expected, double rtol,
+                      double atol) {
+  ASSERT_EQ(got.size(), expected.size());
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_TRUE(at::allclose(got[i], expected[i], rtol, atol))
+        << "item " << i << ": max difference " << (got[i] - expected[i]).abs().max().item<double>();
+}
+
 // The Mamba policy recomputed from its own parameters with plain differentiable libtorch ops, one
 // step at a time, straight from the recurrence's definition (no statemamba op): conv window and
 // SSM state zeroed where an episode starts, h = exp(dt A) h + dt B x, y = (C.h + D x) silu(z).
@@ -297,39 +339,129 @@ TEST(RlPolicy, MambaMatchesAPlainLibtorchRecurrenceWithGradients) {
   resets.index_put_({3, 0}, true), resets.index_put_({6, 1}, true), resets.index_put_({1, 2}, true);
   rl::RecurrentState s0 = policy->initial_state(N);
   for (auto& t : s0.tensors) t = at::randn(t.sizes(), at::kDouble) * 0.5;
-  // Fixed random weights for the outputs and the final state make one scalar loss.
-  const at::Tensor wl = at::randn({T, N, 5}, at::kDouble), wv = at::randn({T, N}, at::kDouble);
-  std::vector<at::Tensor> ws;
-  for (const auto& t : s0.tensors) ws.push_back(at::randn(t.sizes(), at::kDouble));
-  auto gradients = [&](auto&& run) {
-    rl::RecurrentState s = s0.clone();
-    for (auto& t : s.tensors) t.requires_grad_(true);
-    policy->zero_grad();
-    auto [logits, values, state] = run(s);
-    at::Tensor loss = (logits * wl).sum() + (values * wv).sum();
-    for (size_t i = 0; i < ws.size(); ++i) loss = loss + (state[i] * ws[i]).sum();
-    loss.backward();
-    std::vector<at::Tensor> grads{logits.detach(), values.detach()};
-    for (const auto& t : state) grads.push_back(t.detach());
-    for (const auto& param : policy->parameters()) grads.push_back(param.grad().clone());
-    for (const auto& t : s.tensors) grads.push_back(t.grad().clone());
-    return grads;
-  };
-  const auto expected = gradients([&](const rl::RecurrentState& s) {
-    ReferenceOutput r = reference_mamba_policy(mamba, obs, s, resets);
+  const ChunkLoss loss(obs, 5, s0);
+  const auto expected = loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+    ReferenceOutput r = reference_mamba_policy(mamba, x, s, resets);
     return std::make_tuple(r.logits, r.values, r.state);
   });
   for (bool stepwise : {false, true}) {
     SCOPED_TRACE(stepwise ? "stepwise" : "whole chunk");
-    const auto got = gradients([&](const rl::RecurrentState& s) {
-      rl::PolicyOutput out = policy->forward_chunk(obs, s, resets, stepwise);
+    expect_all_close(loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+      rl::PolicyOutput out = policy->forward_chunk(x, s, resets, stepwise);
+      return std::make_tuple(out.logits, out.values, out.state.tensors);
+    }), expected, 1e-9, 1e-11);
+  }
+}
+
+// The GRU policy recomputed from its own parameters, one step at a time, with nn::GRU's equations
+// (gates stacked reset, update, new) and each layer's state zeroed where an episode starts:
+// r = s(W_ir x + b_ir + W_hr h + b_hr), z = s(... z ...), n = tanh(W_in x + b_in + r (W_hn h + b_hn)),
+// h' = (1 - z) n + z h.
+ReferenceOutput reference_gru_policy(rl::GruPolicyImpl& p, const at::Tensor& obs, const rl::RecurrentState& s0,
+                                     const at::Tensor& resets) {
+  auto params = p.gru->named_parameters();
+  std::vector<at::Tensor> h = s0.tensors[0].unbind(1);  // per layer [N, width]
+  std::vector<at::Tensor> logits, values;
+  for (int64_t t = 0; t < obs.size(0); ++t) {
+    const at::Tensor keep = (~resets[t]).to(obs.scalar_type()).unsqueeze(1);
+    at::Tensor input = p.encoder->forward(obs[t]);
+    for (int64_t l = 0; l < p.layers; ++l) {
+      const std::string suffix = "_l" + std::to_string(l);
+      const at::Tensor h_prev = h[l] * keep;
+      const auto gi = at::linear(input, params["weight_ih" + suffix], params["bias_ih" + suffix]).chunk(3, 1);
+      const auto gh = at::linear(h_prev, params["weight_hh" + suffix], params["bias_hh" + suffix]).chunk(3, 1);
+      const at::Tensor r = at::sigmoid(gi[0] + gh[0]), z = at::sigmoid(gi[1] + gh[1]);
+      const at::Tensor n = at::tanh(gi[2] + r * gh[2]);
+      h[l] = (1 - z) * n + z * h_prev;
+      input = h[l];
+    }
+    logits.push_back(p.actor->forward(input));
+    values.push_back(p.critic->forward(input).squeeze(-1));
+  }
+  return {at::stack(logits), at::stack(values), {at::stack(h, 1)}};
+}
+
+// resets[t, n] from one string per environment, 'x' where it restarts.
+at::Tensor resets_from(const std::vector<std::string>& rows) {
+  at::Tensor resets = at::zeros({static_cast<int64_t>(rows[0].size()), static_cast<int64_t>(rows.size())}, at::kBool);
+  for (size_t n = 0; n < rows.size(); ++n)
+    for (size_t t = 0; t < rows[n].size(); ++t) resets.index_put_({int64_t(t), int64_t(n)}, rows[n][t] == 'x');
+  return resets;
+}
+
+// Restarts of every kind: none, at t = 0 (the given state is dropped), in the middle, at
+// consecutive steps, at the last step, at every step.
+const std::vector<std::string> kRestartPatterns = {
+    "..........", "x...x.....", "...xx....x", "xxxxxxxxxx", ".........x", "x.x.......", ".x.x.x.x.x",
+};
+
+// forward_chunk (the whole chunk as one packed-sequence call, and stepwise) equals the reference
+// above in float64: outputs, final state and the gradients of every parameter, the initial state and
+// the observations. Also a chunk whose only restarts are at t = 0 and one with none (plain calls).
+TEST(RlPolicy, GruMatchesAPlainLibtorchRecurrenceWithGradients) {
+  torch::manual_seed(6);
+  rl::PolicyOptions o = small_policy("gru");
+  o.layers = 2, o.gru_memory = 10;
+  auto policy = rl::make_policy(o, 3, 5);
+  policy->to(at::kDouble);
+  auto& gru = dynamic_cast<rl::GruPolicyImpl&>(*policy);
+  const at::Tensor many = resets_from(kRestartPatterns);
+  const int64_t T = many.size(0), N = many.size(1);
+  at::Tensor first_only = at::zeros({T, N}, at::kBool);
+  first_only[0] = many[0];
+  for (const at::Tensor& resets : {many, first_only, at::zeros({T, N}, at::kBool)}) {
+    SCOPED_TRACE(::testing::Message() << resets.sum().item<int64_t>() << " restarts");
+    const at::Tensor obs = at::randn({T, N, 3}, at::kDouble);
+    const rl::RecurrentState s0{{at::randn({N, o.layers, o.width}, at::kDouble) * 0.5}};
+    const ChunkLoss loss(obs, 5, s0);
+    const auto expected = loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+      ReferenceOutput r = reference_gru_policy(gru, x, s, resets);
+      return std::make_tuple(r.logits, r.values, r.state);
+    });
+    for (bool stepwise : {false, true}) {
+      SCOPED_TRACE(stepwise ? "stepwise" : "whole chunk");
+      expect_all_close(loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+        rl::PolicyOutput out = policy->forward_chunk(x, s, resets, stepwise);
+        return std::make_tuple(out.logits, out.values, out.state.tensors);
+      }), expected, 1e-9, 1e-11);
+    }
+  }
+}
+
+// In float32, at a larger size and over several of the CPU's blocks of 16 steps (random restarts
+// in most environments, the patterns above in the others, and a block with restarts only at its
+// first step): the whole chunk equals the stepwise replay and the reference to rounding, outputs
+// and gradients alike.
+TEST(RlPolicy, GruPackedChunkEqualsStepwiseWithManyRestarts) {
+  torch::manual_seed(7);
+  rl::PolicyOptions o = small_policy("gru");
+  o.layers = 2, o.gru_memory = 20;
+  auto policy = rl::make_policy(o, 3, 5);
+  auto& gru = dynamic_cast<rl::GruPolicyImpl&>(*policy);
+  const int64_t T = 40, N = 40;
+  at::Tensor resets = at::rand({T, N}) < 0.2;
+  resets.narrow(0, 17, 15).zero_();
+  resets.narrow(0, 32, 8).narrow(1, 0, kRestartPatterns.size()).copy_(resets_from(kRestartPatterns).narrow(0, 2, 8));
+  resets.narrow(0, 0, 10).narrow(1, 0, kRestartPatterns.size()).copy_(resets_from(kRestartPatterns));
+  const at::Tensor obs = at::randn({T, N, 3});
+  const rl::RecurrentState s0{{at::randn({N, o.layers, o.width}) * 0.5}};
+  const ChunkLoss loss(obs, 5, s0);
+  auto chunk = [&](bool stepwise) {
+    return loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+      rl::PolicyOutput out = policy->forward_chunk(x, s, resets, stepwise);
       return std::make_tuple(out.logits, out.values, out.state.tensors);
     });
-    ASSERT_EQ(got.size(), expected.size());
-    for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_TRUE(at::allclose(got[i], expected[i], 1e-9, 1e-11))
-          << "item " << i << ": max difference " << (got[i] - expected[i]).abs().max().item<double>();
+  };
+  const auto whole = chunk(false);
+  {
+    SCOPED_TRACE("stepwise");
+    expect_all_close(chunk(true), whole, 1e-5, 1e-5);
   }
+  SCOPED_TRACE("reference");
+  expect_all_close(loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+    ReferenceOutput r = reference_gru_policy(gru, x, s, resets);
+    return std::make_tuple(r.logits, r.values, r.state);
+  }), whole, 1e-5, 1e-5);
 }
 
 TEST(RlPolicy, BadInputs) {
