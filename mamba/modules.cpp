@@ -7,6 +7,7 @@
 
 #include "ops/args.h"
 #include "ops/mamba_mixer_step.h"
+#include "ops/small_batch_linear.h"
 #include "ops/ops.h"
 
 namespace statemamba {
@@ -146,11 +147,13 @@ at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, cons
   state.validate_for(spec, x.size(0), x.device(), state_dtype());
   torch::NoGradGuard no_grad;  // the decode ops have no backward
   // conv update + SiLU, x_proj, dt_proj, state update and gate in one op: fused kernels on CUDA,
-  // the separate decode ops (as forward's arithmetic) on the CPU.
-  const auto y = ops::mamba_mixer_step(in_proj->forward(x), state.conv_state, state.ssm_state,
-                                       conv1d->weight.squeeze(1), maybe(conv1d->bias), x_proj->weight, dt_proj->weight,
-                                       dt_proj->bias, A_log, D, reset);
-  return out_proj->forward(y);
+  // the separate decode ops (as forward's arithmetic) on the CPU. The projections around it read
+  // their weights once (GEMV kernels on CUDA; at::linear itself elsewhere).
+  const auto xz = ops::small_batch_linear(x, in_proj->weight, maybe(in_proj->bias));
+  const auto y = ops::mamba_mixer_step(xz, state.conv_state, state.ssm_state, conv1d->weight.squeeze(1),
+                                       maybe(conv1d->bias), x_proj->weight, dt_proj->weight, dt_proj->bias, A_log, D,
+                                       reset);
+  return ops::small_batch_linear(y, out_proj->weight, maybe(out_proj->bias));
 }
 
 MambaInferenceState MambaImpl::get_inference_state() const {

@@ -184,6 +184,28 @@ ConvDims check_causal_conv1d_update_args(const at::Tensor& x, const at::Tensor& 
   return {batch, dim, W, 1, sd};
 }
 
+LinearDims check_small_batch_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias) {
+  Checker c{"small_batch_linear", x};
+  c.defined("x", x);
+  TORCH_CHECK(x.dim() == 2, "small_batch_linear: argument 'x' must have shape [batch, in_features], got ",
+              shape_str(x.sizes()));
+  c.floating("x", x);
+  c.defined("weight", weight);
+  TORCH_CHECK(weight.dim() == 2, "small_batch_linear: argument 'weight' must have shape [out_features, ",
+              "in_features], got ", shape_str(weight.sizes()));
+  const int64_t N = weight.size(0), K = x.size(1);
+  c.shape("weight", weight, {N, K}, "[out_features, in_features]");
+  c.device("weight", weight);
+  c.same_dtype("weight", weight, "x", x);
+  if (bias) {
+    c.shape("bias", *bias, {N}, "[out_features]");
+    c.device("bias", *bias);
+    c.same_dtype("bias", *bias, "x", x);
+  }
+  return {x.size(0), N, K};
+}
+
 namespace {
 bool channel_major_3d(const at::Tensor& t) {
   return t.dim() == 3 && t.size(1) > 1 && t.stride(1) == 1 && t.stride(2) == t.size(1) &&

@@ -39,6 +39,13 @@ ConvDims check_causal_conv1d_update_args(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                          const std::optional<at::Tensor>& reset);
 
+// small_batch_linear: x [B, K], weight [N, K], bias [N], one floating dtype, one device. Returns {B, N, K}.
+struct LinearDims {
+  int64_t batch, out_features, in_features;
+};
+LinearDims check_small_batch_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias);
+
 // add_rms_norm's arguments checked, and its tensors in one of the two layouts the kernels take:
 // row-major rows (hidden viewed as [rows, C], channels contiguous) or channel-major [B, L, C] views
 // of [B, C, L] memory (hidden.stride() == [C·L, 1, L]). Residual follows hidden's layout (copied

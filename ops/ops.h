@@ -11,3 +11,4 @@
 #include "ops/mamba_mixer_step.h"
 #include "ops/selective_scan.h"
 #include "ops/selective_state_update.h"
+#include "ops/small_batch_linear.h"

@@ -203,6 +203,7 @@ TEST_P(MixerStepCuda, FusedEqualsSeparateOpsAndCpuOverSteps) {
       {3, 130, 8, 128, 9},    // widest conv, largest fast d_state
       {4096, 64, 4, 16, 4},   // many rows
       {2, 96, 2, 1, 1},       // one tap of history, one state
+      {2, 100, 4, 16, 7},     // a partial 8-channel chunk of x_proj's weights (16-byte rows in float32)
   };
   for (const Shape& s : shapes)
     for (auto param_dtype : {at::kFloat, dtype})

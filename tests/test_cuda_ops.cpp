@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ops/ops.h"
+#include "support/expect_error.h"
 #include "support/op_cases.h"
 
 namespace {
@@ -682,5 +683,73 @@ TEST(CudaScanStridedBC, NarrowedBAndCEqualContiguousCopies) {
   }
 }
 // ---- selective scan: B and C read in place (end) -------------------------------------------------
+
+// ---- small_batch_linear ----------------------------------------------------------------------------
+
+// The GEMV kernels (batch <= 2) against float64 on the rounded inputs: float32 accumulation over
+// K terms in another order, then one rounding to the output dtype. Larger batches are at::linear
+// itself (whose bfloat16 GEMMs may reduce in reduced precision, so they are compared with it).
+TEST(CudaSmallBatchLinear, MatchesFloat64AtEveryBatchShapeAndLayout) {
+  SKIP_WITHOUT_CUDA();
+  struct Shape { int64_t out, in; };
+  // mamba-130m's in_proj and out_proj; a K that is no whole number of 16-byte vectors; a long K
+  // (several rounds of loads per lane); fewer features than a block's warps.
+  const std::vector<Shape> shapes = {{3072, 768}, {768, 1536}, {37, 13}, {5, 4104}, {2, 64}};
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (const Shape& sh : shapes) {
+      for (int64_t batch : {1, 2, 3, 16}) {
+        for (int layout = 0; layout < 3; ++layout) {  // contiguous; x a column slice; x misaligned by one element
+          const std::string what = std::string(c10::toString(dtype)) + " [" + std::to_string(batch) + ", " +
+                                   std::to_string(sh.in) + "] x [" + std::to_string(sh.out) + ", " +
+                                   std::to_string(sh.in) + "]ᵀ layout " + std::to_string(layout);
+          SCOPED_TRACE(what);
+          at::manual_seed(batch * 7 + sh.out + layout);
+          const auto opt = at::TensorOptions(kCuda).dtype(dtype);
+          at::Tensor x;
+          if (layout == 0) x = at::randn({batch, sh.in}, opt);
+          if (layout == 1) x = at::randn({batch, sh.in + 5}, opt).narrow(1, 2, sh.in);
+          if (layout == 2) x = at::randn({batch * sh.in + 1}, opt).narrow(0, 1, batch * sh.in).view({batch, sh.in});
+          const at::Tensor w = at::randn({sh.out, sh.in}, opt).div(std::sqrt(double(sh.in)));
+          const at::Tensor b = at::randn({sh.out}, opt);
+          for (bool with_bias : {false, true}) {
+            const at::Tensor y = with_bias ? ops::small_batch_linear(x, w, b) : ops::small_batch_linear(x, w);
+            ASSERT_EQ(y.sizes(), (at::IntArrayRef{batch, sh.out}));
+            ASSERT_EQ(y.scalar_type(), dtype);
+            if (batch > 2) {
+              EXPECT_TRUE(at::equal(y, with_bias ? at::linear(x, w, b) : at::linear(x, w)));
+              continue;
+            }
+            const at::Tensor xd = x.to(at::kDouble), wd = w.to(at::kDouble);
+            at::Tensor ref = at::matmul(xd, wd.t());
+            at::Tensor magnitude = at::matmul(xd.abs(), wd.abs().t());
+            if (with_bias) ref = ref + b.to(at::kDouble), magnitude = magnitude + b.to(at::kDouble).abs();
+            const double ulp = dtype == at::kBFloat16 ? std::ldexp(1.0, -8) : dtype == at::kHalf ? std::ldexp(1.0, -11) : 0.0;
+            const at::Tensor err = (y.to(at::kDouble) - ref).abs();
+            const at::Tensor bound = ref.abs() * (ulp + 1e-6) + magnitude * 2e-6 + 1e-30;
+            EXPECT_TRUE((err <= bound).all().item<bool>())
+                << "max error " << err.max().item<double>() << ", worst ratio to the bound "
+                << (err / bound).max().item<double>();
+            // Deterministic: the same call gives the same bits.
+            const at::Tensor again = with_bias ? ops::small_batch_linear(x, w, b) : ops::small_batch_linear(x, w);
+            EXPECT_TRUE(at::equal(y, again));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaSmallBatchLinear, LargeBatchesAreAtLinearAndBadArgumentsAreNamed) {
+  SKIP_WITHOUT_CUDA();
+  const auto opt = at::TensorOptions(kCuda).dtype(at::kBFloat16);
+  const at::Tensor x = at::randn({33, 64}, opt), w = at::randn({48, 64}, opt), b = at::randn({48}, opt);
+  EXPECT_TRUE(at::equal(ops::small_batch_linear(x, w, b), at::linear(x, w, b)));
+  expect_error([&] { ops::small_batch_linear(x.narrow(0, 0, 2), w.to(at::kFloat)); },
+               {"small_batch_linear", "'weight'", "dtype"});
+  expect_error([&] { ops::small_batch_linear(x.narrow(0, 0, 2), w.cpu()); }, {"small_batch_linear", "'weight'", "cpu"});
+  expect_error([&] { ops::small_batch_linear(x.narrow(0, 0, 2), w, b.narrow(0, 0, 40)); },
+               {"small_batch_linear", "'bias'", "[out_features] = [48]", "[40]"});
+}
+// ---- small_batch_linear (end) ----------------------------------------------------------------------
 
 }  // namespace

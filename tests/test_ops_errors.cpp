@@ -204,4 +204,15 @@ TEST(OpErrors, CausalConv1dUpdate) {
                {"'reset'", "[batch]"});
 }
 
+TEST(OpErrors, SmallBatchLinearNamesTheBadArgument) {
+  const at::Tensor x = at::randn({2, 5}), w = at::randn({3, 5}), b = at::randn({3});
+  EXPECT_TRUE(at::equal(ops::small_batch_linear(x, w, b), at::linear(x, w, b)));  // the CPU kernel is at::linear
+  expect_error([&] { ops::small_batch_linear(x.view({10}), w); }, {"small_batch_linear", "'x'", "[batch, in_features]", "[10]"});
+  expect_error([&] { ops::small_batch_linear(x, w.narrow(1, 0, 4)); },
+               {"small_batch_linear", "'weight'", "[out_features, in_features] = [3, 5]", "[3, 4]"});
+  expect_error([&] { ops::small_batch_linear(x, w, b.narrow(0, 0, 2)); }, {"'bias'", "[out_features] = [3]", "[2]"});
+  expect_error([&] { ops::small_batch_linear(x, w.to(at::kDouble)); }, {"'weight'", "dtype of 'x'", "Double"});
+  expect_error([&] { ops::small_batch_linear(x.to(at::kInt), w.to(at::kInt)); }, {"'x'", "must be float32"});
+}
+
 }  // namespace

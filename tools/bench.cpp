@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cxxopts.hpp>
 #include <functional>
+#include <tuple>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -393,6 +394,20 @@ int main(int argc, char** argv) {
     const double upd_bytes = es * 2.0 * Bd * D * N + e * 4.0 * Bd * D;
     record("selective_state_update", dt, {{"batch", Bd}, {"dim", D}, {"dstate", N}}, upd_bytes,
            time_op(device, repeats, [&] { sm::selective_state_update(state, xs, dts, A, Bs, Cs, Dv, zs, bias, true); }));
+    // The decode step's projections (in_proj [2D, D/2], out_proj [D/2, D]) at small batches: the GEMV
+    // kernels against at::linear (cuBLAS) on the same inputs. Floor: the weight read once.
+    for (const auto& [name, out_f, in_f] : {std::tuple<const char*, int64_t, int64_t>{"in_proj", 2 * D, D / 2},
+                                            {"out_proj", D / 2, D}}) {
+      const auto weight = torch::randn({out_f, in_f}, opt);
+      for (int64_t rows : {1, 2, 4}) {
+        const auto x = torch::randn({rows, in_f}, opt);
+        const json shape = {{"layer", name}, {"batch", rows}, {"out_features", out_f}, {"in_features", in_f}};
+        const double bytes = e * (double(out_f) * in_f + double(rows) * (in_f + out_f));
+        record("small_batch_linear", dt, shape, bytes,
+               time_op(device, repeats, [&] { sm::small_batch_linear(x, weight); }));
+        record("at_linear", dt, shape, bytes, time_op(device, repeats, [&] { at::linear(x, weight); }));
+      }
+    }
     auto cstate = torch::randn({Bd, D, W - 1}, f32);
     record("causal_conv1d_update", dt, {{"batch", Bd}, {"dim", D}, {"width", W}}, es * 2.0 * Bd * D * (W - 1) + e * 2.0 * Bd * D,
            time_op(device, repeats, [&] { sm::causal_conv1d_update(xs, cstate, w, cb, true); }));

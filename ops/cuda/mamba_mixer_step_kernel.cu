@@ -3,12 +3,16 @@
 //
 // x_proj needs every channel's conv output before any channel can take its state step, a
 // dependency across blocks, hence two kernels:
-//   1. conv_xproj: a block per (row, 128 channels): conv update + SiLU (conv_state shifted in
+//   1. conv_xproj: a block per (row, tile of channels): conv update + SiLU (conv_state shifted in
 //      place, xc kept in a scratch buffer) and this tile's share of x_proj, xc · x_projᵀ, as one
 //      float partial sum per output;
 //   2. ssm: a block per (row, 256/G channels): x_dbl = the tiles' partials added in tile order and
 //      rounded to the model dtype (as x_proj's Linear output is); Δ = dt_proj row · δ, rounded
 //      likewise; then the state update, D skip and SiLU(z) gate of selective_state_update.
+// Two regimes, measured on an H100 (mamba-130m shapes, BENCHMARKS.md): at batch <= 4 the kernels
+// are bound by the latency of their dependent loads, so tiles are small (more blocks) and every
+// thread issues all its loads before waiting on any; at larger batches those extra blocks and
+// registers cost throughput, and wide tiles with loads where they are used are faster.
 // The conv and the state update repeat causal_conv1d_update's and selective_state_update's
 // arithmetic in the same order; only the two projections add in another order than cuBLAS, so the
 // result equals the separate ops to float rounding (one rounding of δ, B, C, Δ to the model dtype
@@ -26,10 +30,15 @@ namespace {
 using namespace statemamba::ops::cuda;
 
 constexpr int kThreads = 256;
-constexpr int kConvTile = 128;  // channels per conv/x_proj block
+constexpr int kMaxLatencyBatch = 4;  // batches up to this take the latency-bound kernels
+constexpr int kNarrowTile = 64;      // channels per conv/x_proj block, small batches: 24 blocks per row at D 1536
+constexpr int kWideTile = 128;       // larger batches
+constexpr int kChunk = 8;            // channels per x_proj task: one 16-byte load of bfloat16 weights
+constexpr int kTasks = 8;            // x_proj tasks per thread in flight (J = R + 2N <= 256 in one round)
 constexpr int kMaxW = 8;
-constexpr int kStates = 4;  // states per lane in the state update
+constexpr int kStates = 4;     // states per lane in the state update
 constexpr int kMaxFastN = 128;
+constexpr int kRankRegs = 16;  // dt_proj weights per lane held in registers
 
 // T: xz and the projections (float, half, bfloat16); P: the other parameters (float or T).
 template <typename T, typename P>
@@ -44,43 +53,87 @@ struct MixerParams {
   float* partial;                                    // scratch [B, conv_tiles, R + 2N]
   T* y;                                              // [B, D]
   int batch, dim, width, dstate, rank, conv_tiles, G;
-  bool vec;  // ssm_state rows 16-byte aligned and N % 4 == 0
+  bool vec;    // ssm_state rows 16-byte aligned and N % 4 == 0
+  bool w_vec;  // x_proj rows 16-byte aligned (D·sizeof(T) % 16 == 0 and an aligned base)
 };
 
+// Channel d of row b: causal_conv1d_update's arithmetic (taps newest first, in float), conv_state
+// shifted in place, SiLU; xc stored in the model dtype and returned as that value in float.
 template <typename T, typename P>
-__global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<T, P> p) {
-  __shared__ float xs[kConvTile];
+__device__ __forceinline__ float conv_channel(const MixerParams<T, P>& p, int b, int d) {
+  const int Wm1 = p.width - 1;
+  const int64_t row = int64_t(b) * p.dim + d;
+  float* st = p.conv_state + row * Wm1;
+  const P* wr = p.conv_w + int64_t(d) * p.width;
+  const bool rst = p.reset && p.reset[b];
+  float old[kMaxW];
+#pragma unroll
+  for (int k = 0; k < kMaxW; ++k) old[k] = k < Wm1 && !rst ? st[k] : 0.f;
+  const float xv = to<float>(p.xz[int64_t(b) * 2 * p.dim + d]);
+  float acc = p.conv_b ? to<float>(p.conv_b[d]) : 0.f;
+  acc = fmaf(to<float>(wr[p.width - 1]), xv, acc);
+#pragma unroll
+  for (int k = kMaxW - 2; k >= 0; --k)
+    if (k < Wm1) acc = fmaf(to<float>(wr[k]), old[k], acc);
+  const T xc = T(silu(acc));
+  p.xc[row] = xc;
+#pragma unroll
+  for (int j = 0; j < kMaxW - 1; ++j)
+    if (j < Wm1) st[j] = j == Wm1 - 1 ? xv : old[j + 1];
+  return to<float>(xc);
+}
+
+// Small batches: 64-channel tiles; x_proj as tasks e = j·8 + c (output j, channels [8c, 8c + 8)),
+// whose weights are fetched before the conv, one 16-byte load each; a task's 8 products in
+// channel order, then an output's 8 tasks (neighbouring lanes) added as a fixed tree.
+template <typename T, typename P>
+__global__ void __launch_bounds__(kThreads) conv_xproj_narrow_kernel(const MixerParams<T, P> p) {
+  constexpr int kChunks = kNarrowTile / kChunk;
+  __shared__ float xs[kNarrowTile];
   const int tile = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-  const int d0 = tile * kConvTile, nd = min(kConvTile, p.dim - d0);
-  if (tid < kConvTile) {
-    float out = 0.f;
-    if (tid < nd) {
-      // causal_conv1d_update's arithmetic: taps newest first, in float.
-      const int d = d0 + tid, Wm1 = p.width - 1;
-      const int64_t row = int64_t(b) * p.dim + d;
-      float* st = p.conv_state + row * Wm1;
-      const P* wr = p.conv_w + int64_t(d) * p.width;
-      const bool rst = p.reset && p.reset[b];
-      float old[kMaxW];
+  const int d0 = tile * kNarrowTile, nd = min(kNarrowTile, p.dim - d0);
+  const int J = p.rank + 2 * p.dstate;
+  T w[kTasks][kChunk];
+  auto fetch = [&](int round) {
 #pragma unroll
-      for (int k = 0; k < kMaxW; ++k) old[k] = k < Wm1 && !rst ? st[k] : 0.f;
-      const float xv = to<float>(p.xz[int64_t(b) * 2 * p.dim + d]);
-      float acc = p.conv_b ? to<float>(p.conv_b[d]) : 0.f;
-      acc = fmaf(to<float>(wr[p.width - 1]), xv, acc);
+    for (int k = 0; k < kTasks; ++k) {
+      const int e = (round * kTasks + k) * kThreads + tid, j = e / kChunks, c0 = (e % kChunks) * kChunk;
+      const T* src = p.x_proj_w + int64_t(j) * p.dim + d0 + c0;
+      if (j < J && p.w_vec && c0 + kChunk <= nd) {
+        load8(src, w[k]);
+      } else {
 #pragma unroll
-      for (int k = kMaxW - 2; k >= 0; --k)
-        if (k < Wm1) acc = fmaf(to<float>(wr[k]), old[k], acc);
-      const T xc = T(silu(acc));
-      p.xc[row] = xc;
-      out = to<float>(xc);
-#pragma unroll
-      for (int j = 0; j < kMaxW - 1; ++j)
-        if (j < Wm1) st[j] = j == Wm1 - 1 ? xv : old[j + 1];
+        for (int i = 0; i < kChunk; ++i) w[k][i] = j < J && c0 + i < nd ? src[i] : T(0);
+      }
     }
-    xs[tid] = out;
-  }
+  };
+  fetch(0);
+  if (tid < kNarrowTile) xs[tid] = tid < nd ? conv_channel(p, b, d0 + tid) : 0.f;
   __syncthreads();
-  // This tile's share of every x_proj output: a warp per output, lanes across the channels.
+  const int rounds = (J * kChunks + kTasks * kThreads - 1) / (kTasks * kThreads);
+  for (int round = 0; round < rounds; ++round) {
+    if (round > 0) fetch(round);
+#pragma unroll
+    for (int k = 0; k < kTasks; ++k) {
+      const int e = (round * kTasks + k) * kThreads + tid, j = e / kChunks, c0 = (e % kChunks) * kChunk;
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) s = fmaf(to<float>(w[k][i]), xs[c0 + i], s);
+#pragma unroll
+      for (int o = kChunks / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (c0 == 0 && j < J) p.partial[(int64_t(b) * p.conv_tiles + tile) * J + j] = s;
+    }
+  }
+}
+
+// Larger batches: 128-channel tiles; x_proj with a warp per output, lanes across the channels.
+template <typename T, typename P>
+__global__ void __launch_bounds__(kThreads) conv_xproj_wide_kernel(const MixerParams<T, P> p) {
+  __shared__ float xs[kWideTile];
+  const int tile = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int d0 = tile * kWideTile, nd = min(kWideTile, p.dim - d0);
+  if (tid < kWideTile) xs[tid] = tid < nd ? conv_channel(p, b, d0 + tid) : 0.f;
+  __syncthreads();
   const int warp = tid / 32, lane = tid % 32, J = p.rank + 2 * p.dstate;
   for (int j = warp; j < J; j += kThreads / 32) {
     const T* w = p.x_proj_w + int64_t(j) * p.dim + d0;
@@ -95,65 +148,105 @@ __global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<
 // file is built with fast math and expf would be the approximate intrinsic.
 __device__ __forceinline__ float a_from_log(float a_log) { return -float(exp(double(a_log))); }
 
+// What one lane of the state update reads besides x_proj's output.
+template <typename T>
+struct LaneInputs {
+  T dtw[kRankRegs];  // dt_proj row entries g, g + G, ...
+  float h[kStates], a_log[kStates];
+  float x, z, dt_bias, d_skip;
+};
+
 template <typename T, typename P>
+__device__ __forceinline__ void load_lane(LaneInputs<T>& in, const MixerParams<T, P>& p, int b, int d, int g,
+                                          bool active, bool owns_states, bool rst) {
+  const int N = p.dstate, R = p.rank, G = p.G, n0 = kStates * g;
+  const int64_t row = int64_t(b) * p.dim + d;
+#pragma unroll
+  for (int i = 0; i < kRankRegs; ++i) in.dtw[i] = active && g + i * G < R ? p.dt_proj_w[int64_t(d) * R + g + i * G] : T(0);
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) in.h[i] = 0.f, in.a_log[i] = 0.f;
+  if (owns_states) {
+    const float* h = p.ssm_state + row * N + n0;
+    if (!rst) {
+      if (p.vec) {
+        const float4 v = *reinterpret_cast<const float4*>(h);
+        in.h[0] = v.x, in.h[1] = v.y, in.h[2] = v.z, in.h[3] = v.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < kStates; ++i) in.h[i] = n0 + i < N ? h[i] : 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) in.a_log[i] = n0 + i < N ? to<float>(p.A_log[int64_t(d) * N + n0 + i]) : 0.f;
+  }
+  in.x = active ? to<float>(p.xc[row]) : 0.f;
+  in.z = active ? to<float>(p.xz[int64_t(b) * 2 * p.dim + p.dim + d]) : 0.f;
+  in.dt_bias = active ? to<float>(p.dt_bias[d]) : 0.f;
+  in.d_skip = active ? to<float>(p.Dskip[d]) : 0.f;
+}
+
+// kEarly: the lane's loads go out before x_dbl's reduction (latency-bound small batches) rather
+// than after it (fewer live registers, for throughput at larger batches).
+template <typename T, typename P, bool kEarly>
 __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p) {
   extern __shared__ float x_dbl[];  // [R + 2N]: δ, B, C
   const int b = blockIdx.y, tid = threadIdx.x, J = p.rank + 2 * p.dstate;
+  const int G = p.G, N = p.dstate, R = p.rank;
+  const int d_raw = blockIdx.x * (kThreads / G) + tid / G, g = tid % G, n0 = kStates * g;
+  const bool active = d_raw < p.dim, owns_states = active && n0 < N;
+  const int d = active ? d_raw : 0;
+  const int64_t row = int64_t(b) * p.dim + d;
+  const bool rst = p.reset && p.reset[b];
+  LaneInputs<T> in;
+  if (kEarly) load_lane(in, p, b, d, g, active, owns_states, rst);
+  // x_dbl = the tiles' partials added in tile order, rounded to the model dtype (as x_proj's
+  // Linear output is); the loads of a group of tiles go out together.
   for (int j = tid; j < J; j += kThreads) {
+    const float* src = p.partial + int64_t(b) * p.conv_tiles * J + j;
     float s = 0.f;
-    for (int t = 0; t < p.conv_tiles; ++t) s += p.partial[(int64_t(b) * p.conv_tiles + t) * J + j];
-    x_dbl[j] = to<float>(T(s));  // rounded as x_proj's output in the model dtype
+    for (int t0 = 0; t0 < p.conv_tiles; t0 += 8) {
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = t0 + i < p.conv_tiles ? src[int64_t(t0 + i) * J] : 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (t0 + i < p.conv_tiles) s += v[i];
+    }
+    x_dbl[j] = to<float>(T(s));
   }
   __syncthreads();
-  const float *delta_low = x_dbl, *Bv = x_dbl + p.rank, *Cv = x_dbl + p.rank + p.dstate;
-  const int G = p.G, N = p.dstate, R = p.rank;
-  const int d = blockIdx.x * (kThreads / G) + tid / G, g = tid % G;
-  const bool active = d < p.dim;
+  if (!kEarly) load_lane(in, p, b, d, g, active, owns_states, rst);
+  const float *delta_low = x_dbl, *Bv = x_dbl + R, *Cv = x_dbl + R + N;
   // Δ before its bias: the channel's dt_proj row · δ, the row's G lanes splitting the rank.
   float dt_lin = 0.f;
-  if (active) {
-    const T* w = p.dt_proj_w + int64_t(d) * R;
-    for (int r = g; r < R; r += G) dt_lin = fmaf(to<float>(w[r]), delta_low[r], dt_lin);
-  }
+#pragma unroll
+  for (int i = 0; i < kRankRegs; ++i)
+    if (g + i * G < R) dt_lin = fmaf(to<float>(in.dtw[i]), delta_low[g + i * G], dt_lin);
+  if (active)
+    for (int r = g + kRankRegs * G; r < R; r += G)
+      dt_lin = fmaf(to<float>(p.dt_proj_w[int64_t(d) * R + r]), delta_low[r], dt_lin);
   for (int o = G / 2; o > 0; o >>= 1) dt_lin += __shfl_xor_sync(0xffffffffu, dt_lin, o);
   // selective_state_update's arithmetic from here (see selective_state_update_kernel.cu).
-  float part = 0.f, xv = 0.f;
-  int64_t row = 0;
-  if (active) {
-    row = int64_t(b) * p.dim + d;
-    xv = to<float>(p.xc[row]);
-    const float raw = to<float>(T(dt_lin)) + to<float>(p.dt_bias[d]);  // Δ rounded as dt_proj's output
-    const float dt = softplus_fast(raw), dtu = dt * xv;
-    const bool rst = p.reset && p.reset[b];
-    const int n0 = kStates * g;
-    if (n0 < N) {
-      float* h = p.ssm_state + row * N + n0;
-      float hv[kStates] = {0.f, 0.f, 0.f, 0.f};
-      if (!rst) {
-        if (p.vec) {
-          const float4 v = *reinterpret_cast<const float4*>(h);
-          hv[0] = v.x, hv[1] = v.y, hv[2] = v.z, hv[3] = v.w;
-        } else {
+  float part = 0.f;
+  if (owns_states) {
+    const float raw = to<float>(T(dt_lin)) + in.dt_bias;  // Δ rounded as dt_proj's output
+    const float dt = softplus_fast(raw), dtu = dt * in.x;
 #pragma unroll
-          for (int i = 0; i < kStates; ++i) hv[i] = n0 + i < N ? h[i] : 0.f;
-        }
+    for (int i = 0; i < kStates; ++i) {
+      const int n = n0 + i;
+      if (n < N) {
+        const float A2 = a_from_log(in.a_log[i]) * kLog2e;
+        in.h[i] = fmaf(exp_scaled(dt * A2), in.h[i], dtu * Bv[n]);
+        part = fmaf(Cv[n], in.h[i], part);
       }
+    }
+    float* h = p.ssm_state + row * N + n0;
+    if (p.vec) {
+      *reinterpret_cast<float4*>(h) = make_float4(in.h[0], in.h[1], in.h[2], in.h[3]);
+    } else {
 #pragma unroll
-      for (int i = 0; i < kStates; ++i) {
-        const int n = n0 + i;
-        if (n < N) {
-          const float A2 = a_from_log(to<float>(p.A_log[int64_t(d) * N + n])) * kLog2e;
-          hv[i] = fmaf(exp_scaled(dt * A2), hv[i], dtu * Bv[n]);
-          part = fmaf(Cv[n], hv[i], part);
-        }
-      }
-      if (p.vec) {
-        *reinterpret_cast<float4*>(h) = make_float4(hv[0], hv[1], hv[2], hv[3]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kStates; ++i)
-          if (n0 + i < N) h[i] = hv[i];
-      }
+      for (int i = 0; i < kStates; ++i)
+        if (n0 + i < N) h[i] = in.h[i];
     }
   }
   // Lane sums in lane order, as selective_state_update adds them.
@@ -161,8 +254,8 @@ __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p
   float acc = 0.f;
   for (int gg = 0; gg < G; ++gg) acc += __shfl_sync(0xffffffffu, part, base + gg);
   if (active && g == 0) {
-    acc = fmaf(to<float>(p.Dskip[d]), xv, acc);
-    acc *= silu(to<float>(p.xz[int64_t(b) * 2 * p.dim + p.dim + d]));
+    acc = fmaf(in.d_skip, in.x, acc);
+    acc *= silu(in.z);
     p.y[row] = T(acc);
   }
 }
@@ -179,14 +272,23 @@ void launch(const MixerStepDims& s, const at::Tensor& xz, const at::Tensor& conv
   p.x_proj_w = x_proj_w.data_ptr<T>(), p.dt_proj_w = dt_proj_w.data_ptr<T>(), p.reset = ptr<bool>(reset);
   p.xc = xc.data_ptr<T>(), p.partial = partial.data_ptr<float>(), p.y = y.data_ptr<T>();
   p.batch = int(s.batch), p.dim = int(s.dim), p.width = int(s.width), p.dstate = int(s.dstate);
-  p.rank = int(s.rank), p.conv_tiles = ceil_div(s.dim, kConvTile);
+  const bool latency_bound = s.batch <= kMaxLatencyBatch;
+  p.rank = int(s.rank), p.conv_tiles = ceil_div(s.dim, latency_bound ? kNarrowTile : kWideTile);
   p.G = std::max(4, pow2_ceil(ceil_div(s.dstate, kStates)));  // as selective_state_update
   p.vec = s.dstate % kStates == 0 && aligned16(p.ssm_state);
+  p.w_vec = (s.dim * int64_t(sizeof(T))) % 16 == 0 && aligned16(p.x_proj_w);
   const auto stream = current_stream();
-  conv_xproj_kernel<T, P><<<dim3(p.conv_tiles, unsigned(s.batch)), kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 conv_grid(p.conv_tiles, unsigned(s.batch)), ssm_grid(ceil_div(s.dim, kThreads / p.G), unsigned(s.batch));
   const size_t smem = sizeof(float) * size_t(s.rank + 2 * s.dstate);
-  ssm_kernel<T, P><<<dim3(ceil_div(s.dim, kThreads / p.G), unsigned(s.batch)), kThreads, smem, stream>>>(p);
+  if (latency_bound) {
+    conv_xproj_narrow_kernel<T, P><<<conv_grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ssm_kernel<T, P, true><<<ssm_grid, kThreads, smem, stream>>>(p);
+  } else {
+    conv_xproj_wide_kernel<T, P><<<conv_grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ssm_kernel<T, P, false><<<ssm_grid, kThreads, smem, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -221,7 +323,8 @@ at::Tensor mamba_mixer_step_cuda(const at::Tensor& xz, const at::Tensor& conv_st
   const at::Tensor rst = contig_or_undef(reset);
   const at::Tensor xc = at::empty({s.batch, s.dim}, xz.options());
   const at::Tensor partial =
-      at::empty({s.batch, ceil_div(s.dim, kConvTile), s.rank + 2 * s.dstate}, xz.options().dtype(at::kFloat));
+      at::empty({s.batch, ceil_div(s.dim, s.batch <= kMaxLatencyBatch ? kNarrowTile : kWideTile), s.rank + 2 * s.dstate},
+                xz.options().dtype(at::kFloat));
   at::Tensor y = at::empty({s.batch, s.dim}, xz.options());
   SM_DISPATCH_FAST(t, "mamba_mixer_step_cuda", [&] {
     using T = scalar_t;

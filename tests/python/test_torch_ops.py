@@ -253,6 +253,8 @@ def opcheck_cases():
     step = (s_kw["initial_state"].clone(), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], s_kw["D"],
             s_kw["z"][..., 0], s_kw["delta_bias"], True, s_kw["reset"][:, 0])
     conv_step = (x[..., 0], c_kw["initial_state"].clone(), weight, c_kw["bias"], True, c_kw["reset"][:, 0])
+    gen = torch.Generator().manual_seed(8)
+    linear_args = tuple(torch.randn(shape, generator=gen) for shape in [(3, 5), (4, 5), (4,)])
     return [
         pytest.param(sm.selective_scan.default, s_args, s_kw, id="selective_scan"),
         pytest.param(sm.selective_scan.default, *s_grad, id="selective_scan_grad"),
@@ -260,6 +262,7 @@ def opcheck_cases():
         pytest.param(sm.causal_conv1d.default, *c_grad, id="causal_conv1d_grad"),
         pytest.param(sm.selective_state_update.default, step, {}, id="selective_state_update"),
         pytest.param(sm.causal_conv1d_update.default, conv_step, {}, id="causal_conv1d_update"),
+        pytest.param(sm.small_batch_linear.default, linear_args, {}, id="small_batch_linear"),
     ]
 
 
@@ -294,6 +297,19 @@ def test_meta_shapes(dtype):
     y = sm.causal_conv1d_update(*map(to_meta, (x[..., 0], kw["initial_state"], weight, kw["bias"], True,
                                                kw["reset"][:, 0])))
     assert y.device.type == "meta" and y.shape == (2, 3) and y.dtype == dtype
+
+    x, weight, bias = (torch.empty(shape, dtype=dtype, device="meta") for shape in [(3, 5), (4, 5), (4,)])
+    y = sm.small_batch_linear(x, weight, bias)
+    assert y.device.type == "meta" and y.shape == (3, 4) and y.dtype == dtype
+
+
+def test_small_batch_linear_is_linear():
+    gen = torch.Generator().manual_seed(9)
+    x, weight, bias = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(3, 7), (5, 7), (5,)])
+    torch.testing.assert_close(sm.small_batch_linear(x, weight, bias), x @ weight.T + bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sm.small_batch_linear(x, weight), x @ weight.T, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match=r"small_batch_linear: argument 'weight' must have shape"):
+        sm.small_batch_linear(x, weight[:, :6])
 
 
 def test_meta_rejects_bad_shapes_with_the_cpu_message():
