@@ -150,9 +150,11 @@ at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, cons
   // the separate decode ops (as forward's arithmetic) on the CPU. The projections around it read
   // their weights once (GEMV kernels on CUDA; at::linear itself elsewhere).
   const auto xz = ops::small_batch_linear(x, in_proj->weight, maybe(in_proj->bias));
-  const auto y = ops::mamba_mixer_step(xz, state.conv_state, state.ssm_state, conv1d->weight.squeeze(1),
-                                       maybe(conv1d->bias), x_proj->weight, dt_proj->weight, dt_proj->bias, A_log, D,
-                                       reset);
+  // The small parameters in float32, derived once as forward's (A = -exp(A_log)): no casts per step.
+  const auto [conv_weight, conv_bias] = conv_params();
+  const auto [A, D_, dt_bias] = ssm_params();
+  const auto y = ops::mamba_mixer_step(xz, state.conv_state, state.ssm_state, conv_weight, conv_bias, x_proj->weight,
+                                       dt_proj->weight, dt_bias, A, D_, reset);
   return ops::small_batch_linear(y, out_proj->weight, maybe(out_proj->bias));
 }
 

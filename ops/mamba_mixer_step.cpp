@@ -52,7 +52,7 @@ MixerStepDims check_mamba_mixer_step_args(const at::Tensor& xz, const at::Tensor
                                           const at::Tensor& ssm_state, const at::Tensor& conv_weight,
                                           const std::optional<at::Tensor>& conv_bias,
                                           const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
-                                          const at::Tensor& dt_proj_bias, const at::Tensor& A_log,
+                                          const at::Tensor& dt_proj_bias, const at::Tensor& A,
                                           const at::Tensor& D, const std::optional<at::Tensor>& reset) {
   TORCH_CHECK(xz.defined(), kOp, ": argument 'xz' is an undefined tensor");
   const auto t = xz.scalar_type();
@@ -86,7 +86,7 @@ MixerStepDims check_mamba_mixer_step_args(const at::Tensor& xz, const at::Tensor
   check_shape("dt_proj_weight", dt_proj_weight, {Dm, R}, "[d_inner, dt_rank]", xz);
   check_dtype("dt_proj_weight", dt_proj_weight, t, "xz's dtype, as a Linear layer needs");
   check_param("dt_proj_bias", dt_proj_bias, {Dm}, "[d_inner]", xz);
-  check_param("A_log", A_log, {Dm, N}, "[d_inner, d_state]", xz);
+  check_param("A", A, {Dm, N}, "[d_inner, d_state]", xz);
   check_param("D", D, {Dm}, "[d_inner]", xz);
   if (reset) {
     check_shape("reset", *reset, {B}, "[batch]", xz);
@@ -98,16 +98,16 @@ MixerStepDims check_mamba_mixer_step_args(const at::Tensor& xz, const at::Tensor
 at::Tensor mamba_mixer_step_unfused(const at::Tensor& xz, const at::Tensor& conv_state, const at::Tensor& ssm_state,
                                     const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                                     const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
-                                    const at::Tensor& dt_proj_bias, const at::Tensor& A_log, const at::Tensor& D,
+                                    const at::Tensor& dt_proj_bias, const at::Tensor& A, const at::Tensor& D,
                                     const std::optional<at::Tensor>& reset) {
   const MixerStepDims s = check_mamba_mixer_step_args(xz, conv_state, ssm_state, conv_weight, conv_bias,
-                                                      x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, reset);
+                                                      x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reset);
   const auto acc = s.state_dtype;
   const auto xc = causal_conv1d_update(xz.narrow(1, 0, s.dim), conv_state, conv_weight, conv_bias, /*silu=*/true,
                                        reset);
   const auto x_dbl = at::linear(xc, x_proj_weight);
   const auto dt = at::linear(x_dbl.narrow(-1, 0, s.rank), dt_proj_weight);
-  return selective_state_update(ssm_state, xc, dt, -at::exp(A_log.to(acc)), x_dbl.narrow(-1, s.rank, s.dstate),
+  return selective_state_update(ssm_state, xc, dt, A.to(acc), x_dbl.narrow(-1, s.rank, s.dstate),
                                 x_dbl.narrow(-1, s.rank + s.dstate, s.dstate), D.to(acc),
                                 xz.narrow(1, s.dim, s.dim), dt_proj_bias.to(acc), /*dt_softplus=*/true, reset);
 }
@@ -115,19 +115,19 @@ at::Tensor mamba_mixer_step_unfused(const at::Tensor& xz, const at::Tensor& conv
 at::Tensor mamba_mixer_step(const at::Tensor& xz, const at::Tensor& conv_state, const at::Tensor& ssm_state,
                             const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                             const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
-                            const at::Tensor& dt_proj_bias, const at::Tensor& A_log, const at::Tensor& D,
+                            const at::Tensor& dt_proj_bias, const at::Tensor& A, const at::Tensor& D,
                             const std::optional<at::Tensor>& reset) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("statemamba::mamba_mixer_step", "")
                        .typed<decltype(mamba_mixer_step)>();
   return op.call(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                 A_log, D, reset);
+                 A, D, reset);
 }
 
 TORCH_LIBRARY_FRAGMENT(statemamba, m) {
   m.def(
       "mamba_mixer_step(Tensor xz, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor conv_weight, "
-      "Tensor? conv_bias, Tensor x_proj_weight, Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A_log, "
+      "Tensor? conv_bias, Tensor x_proj_weight, Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A, "
       "Tensor D, Tensor? reset=None) -> Tensor");
 }
 

@@ -32,22 +32,22 @@ struct Shape {
 
 // One step's inputs with the mixer's parameters, as Mamba::step passes them.
 struct MixerCase {
-  at::Tensor xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D;
+  at::Tensor xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D;
   OptTensor conv_bias, reset;
 
   at::Tensor run() const {  // the op (advances this case's states)
     return ops::mamba_mixer_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                                 dt_proj_bias, A_log, D, reset);
+                                 dt_proj_bias, A, D, reset);
   }
   at::Tensor run_unfused() const {
     return ops::mamba_mixer_step_unfused(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
-                                         dt_proj_weight, dt_proj_bias, A_log, D, reset);
+                                         dt_proj_weight, dt_proj_bias, A, D, reset);
   }
   // A copy on `device` with its own states.
   MixerCase to(at::Device device) const {
     MixerCase c = *this;
     for (at::Tensor* t : {&c.xz, &c.conv_state, &c.ssm_state, &c.conv_weight, &c.x_proj_weight, &c.dt_proj_weight,
-                          &c.dt_proj_bias, &c.A_log, &c.D})
+                          &c.dt_proj_bias, &c.A, &c.D})
       *t = t->to(device).clone();
     if (c.conv_bias) c.conv_bias = c.conv_bias->to(device);
     if (c.reset) c.reset = c.reset->to(device);
@@ -69,8 +69,9 @@ MixerCase make_case(Shape s, at::ScalarType dtype, at::ScalarType param_dtype, b
   c.x_proj_weight = (at::randn({s.rank + 2 * s.dstate, s.dim}) / std::sqrt(double(s.dim))).to(opt);
   c.dt_proj_weight = (at::randn({s.dim, s.rank}) / std::sqrt(double(s.rank))).to(opt);
   c.dt_proj_bias = (at::rand({s.dim}) * 3 - 2).to(popt);
-  c.A_log = at::log(at::arange(1, s.dstate + 1, at::kDouble)).repeat({s.dim, 1}).add(at::rand({s.dim, s.dstate}) * 0.1)
-                .to(popt);
+  // A = -exp(A_log) of mamba's initialisation, log(1..N), jittered.
+  c.A = -at::exp(at::log(at::arange(1, s.dstate + 1, at::kDouble)).repeat({s.dim, 1}).add(at::rand({s.dim, s.dstate}) * 0.1))
+             .to(popt);
   c.D = at::randn({s.dim}).to(popt);
   if (conv_bias) c.conv_bias = (at::randn({s.dim}) * 0.1).to(popt);
   if (reset) c.reset = at::rand({s.batch}) < 0.5;
@@ -88,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reference_step(const MixerCase& c
   const auto x_dbl = at::matmul(xc, f64(c.x_proj_weight).t());
   const auto dt = at::matmul(x_dbl.narrow(1, 0, rank), f64(c.dt_proj_weight).t());
   const auto [y, ssm_state] = test::reference_selective_state_update(
-      f64(c.ssm_state), xc, dt, -at::exp(f64(c.A_log)), x_dbl.narrow(1, rank, dstate),
+      f64(c.ssm_state), xc, dt, f64(c.A), x_dbl.narrow(1, rank, dstate),
       x_dbl.narrow(1, rank + dstate, dstate), f64(c.D), f64(c.xz.narrow(1, dim, dim)), f64(c.dt_proj_bias),
       /*dt_softplus=*/true, c.reset);
   return {y, conv_state, ssm_state};
@@ -140,10 +141,10 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, MixerStepCpu, ::testing::Values(at::kFloat, at:
                          test::DtypeTestName());
 
 TEST(MixerStepCpu, ParametersInTheModelDtypeGiveTheSameStep) {
-  // A bfloat16 model holds A_log, D and the biases in bfloat16; the op reads them as they are.
+  // A bfloat16 model holds A, D and the biases in bfloat16; the op reads them as they are.
   const MixerCase mixed = make_case({2, 16, 4, 8, 2}, at::kBFloat16, at::kBFloat16, true, true, 3);
   MixerCase as_float = mixed.to(at::kCPU);
-  for (at::Tensor* t : {&as_float.conv_weight, &as_float.dt_proj_bias, &as_float.A_log, &as_float.D})
+  for (at::Tensor* t : {&as_float.conv_weight, &as_float.dt_proj_bias, &as_float.A, &as_float.D})
     *t = t->to(at::kFloat);
   as_float.conv_bias = as_float.conv_bias->to(at::kFloat);
   const MixerCase run = mixed.to(at::kCPU);
@@ -166,7 +167,7 @@ TEST(MixerStepCpu, NamesTheBadArgument) {
   expect_error(with([](MixerCase& b) { b.conv_state = b.conv_state.narrow(2, 0, 2); }),
                {"'conv_state'", "[batch, d_inner, width-1] = [2, 8, 3]", "[2, 8, 2]"});
   expect_error(with([](MixerCase& b) { b.ssm_state = b.ssm_state.to(at::kDouble); }), {"'ssm_state'", "Double"});
-  expect_error(with([](MixerCase& b) { b.A_log = b.A_log.t(); }), {"'A_log'", "[d_inner, d_state] = [8, 4]"});
+  expect_error(with([](MixerCase& b) { b.A = b.A.t(); }), {"'A'", "[d_inner, d_state] = [8, 4]"});
   expect_error(with([](MixerCase& b) { b.D = b.D.to(at::kHalf); }), {"'D'", "float32 or Float", "Half"});
   expect_error(with([](MixerCase& b) { b.reset = at::zeros({2}, at::kInt); }), {"'reset'", "Bool", "Int"});
   expect_error(with([](MixerCase& b) { b.reset = at::zeros({3}, at::kBool); }), {"'reset'", "[batch] = [2]"});
@@ -204,6 +205,8 @@ TEST_P(MixerStepCuda, FusedEqualsSeparateOpsAndCpuOverSteps) {
       {4096, 64, 4, 16, 4},   // many rows
       {2, 96, 2, 1, 1},       // one tap of history, one state
       {2, 100, 4, 16, 7},     // a partial 8-channel chunk of x_proj's weights (16-byte rows in float32)
+      {37, 300, 4, 16, 5},    // blocks of 4 rows, the last one partial; 1 row per block below batch 32
+      {9, 300, 4, 16, 5},
   };
   for (const Shape& s : shapes)
     for (auto param_dtype : {at::kFloat, dtype})

@@ -3,16 +3,17 @@
 //
 // x_proj needs every channel's conv output before any channel can take its state step, a
 // dependency across blocks, hence two kernels:
-//   1. conv_xproj: a block per (row, tile of channels): conv update + SiLU (conv_state shifted in
+//   1. conv_xproj: a block per (rows, tile of channels): conv update + SiLU (conv_state shifted in
 //      place, xc kept in a scratch buffer) and this tile's share of x_proj, xc · x_projᵀ, as one
 //      float partial sum per output;
-//   2. ssm: a block per (row, 256/G channels): x_dbl = the tiles' partials added in tile order and
+//   2. ssm: a block per (rows, 256/G channels): x_dbl = the tiles' partials added in tile order and
 //      rounded to the model dtype (as x_proj's Linear output is); Δ = dt_proj row · δ, rounded
 //      likewise; then the state update, D skip and SiLU(z) gate of selective_state_update.
-// Two regimes, measured on an H100 (mamba-130m shapes, BENCHMARKS.md): at batch <= 4 the kernels
-// are bound by the latency of their dependent loads, so tiles are small (more blocks) and every
-// thread issues all its loads before waiting on any; at larger batches those extra blocks and
-// registers cost throughput, and wide tiles with loads where they are used are faster.
+// Two regimes, measured on an H100 (mamba-130m shapes, BENCHMARKS.md). At batch <= 4 the kernels
+// are bound by the latency of their dependent loads: a block per row and 64-channel tiles (more
+// blocks), and every thread issues all its loads before waiting on any. Larger batches take
+// 128-channel tiles; from batch 32 a conv block takes 4 rows (its x_proj weights serve all 4),
+// and the state update loads its lane's inputs after x_dbl's reduction, not before.
 // The conv and the state update repeat causal_conv1d_update's and selective_state_update's
 // arithmetic in the same order; only the two projections add in another order than cuBLAS, so the
 // result equals the separate ops to float rounding (one rounding of δ, B, C, Δ to the model dtype
@@ -30,9 +31,11 @@ namespace {
 using namespace statemamba::ops::cuda;
 
 constexpr int kThreads = 256;
-constexpr int kMaxLatencyBatch = 4;  // batches up to this take the latency-bound kernels
+constexpr int kMaxLatencyBatch = 4;  // batches up to this: a row per block and narrow conv tiles
 constexpr int kNarrowTile = 64;      // channels per conv/x_proj block, small batches: 24 blocks per row at D 1536
 constexpr int kWideTile = 128;       // larger batches
+constexpr int kRowsPerBlock = 4;     // large batches: rows per conv block, sharing x_proj's weight loads
+constexpr int kMinBatchForRowBlocks = 32;
 constexpr int kChunk = 8;            // channels per x_proj task: one 16-byte load of bfloat16 weights
 constexpr int kTasks = 8;            // x_proj tasks per thread in flight (J = R + 2N <= 256 in one round)
 constexpr int kMaxW = 8;
@@ -46,7 +49,7 @@ struct MixerParams {
   const T* xz;       // [B, 2D]: x then z
   float* conv_state;  // [B, D, W-1]
   float* ssm_state;   // [B, D, N]
-  const P *conv_w, *conv_b, *dt_bias, *A_log, *Dskip;  // [D, W], [D] or null, [D], [D, N], [D]
+  const P *conv_w, *conv_b, *dt_bias, *A, *Dskip;  // [D, W], [D] or null, [D], [D, N], [D]
   const T *x_proj_w, *dt_proj_w;                     // [R + 2N, D], [D, R]
   const bool* reset;                                 // [B] or null
   T* xc;                                             // scratch [B, D]: the conv output
@@ -58,18 +61,22 @@ struct MixerParams {
 };
 
 // Channel d of row b: causal_conv1d_update's arithmetic (taps newest first, in float), conv_state
-// shifted in place, SiLU; xc stored in the model dtype and returned as that value in float.
+// shifted in place, SiLU; xc stored in the model dtype and returned as that value in float. The
+// state is read whatever the reset flag says (and zeroed after), so neither load waits on the other.
 template <typename T, typename P>
 __device__ __forceinline__ float conv_channel(const MixerParams<T, P>& p, int b, int d) {
   const int Wm1 = p.width - 1;
   const int64_t row = int64_t(b) * p.dim + d;
   float* st = p.conv_state + row * Wm1;
   const P* wr = p.conv_w + int64_t(d) * p.width;
-  const bool rst = p.reset && p.reset[b];
   float old[kMaxW];
 #pragma unroll
-  for (int k = 0; k < kMaxW; ++k) old[k] = k < Wm1 && !rst ? st[k] : 0.f;
+  for (int k = 0; k < kMaxW; ++k) old[k] = k < Wm1 ? st[k] : 0.f;
   const float xv = to<float>(p.xz[int64_t(b) * 2 * p.dim + d]);
+  if (p.reset && p.reset[b]) {
+#pragma unroll
+    for (int k = 0; k < kMaxW; ++k) old[k] = 0.f;
+  }
   float acc = p.conv_b ? to<float>(p.conv_b[d]) : 0.f;
   acc = fmaf(to<float>(wr[p.width - 1]), xv, acc);
 #pragma unroll
@@ -83,15 +90,18 @@ __device__ __forceinline__ float conv_channel(const MixerParams<T, P>& p, int b,
   return to<float>(xc);
 }
 
-// Small batches: 64-channel tiles; x_proj as tasks e = j·8 + c (output j, channels [8c, 8c + 8)),
-// whose weights are fetched before the conv, one 16-byte load each; a task's 8 products in
-// channel order, then an output's 8 tasks (neighbouring lanes) added as a fixed tree.
-template <typename T, typename P>
-__global__ void __launch_bounds__(kThreads) conv_xproj_narrow_kernel(const MixerParams<T, P> p) {
-  constexpr int kChunks = kNarrowTile / kChunk;
-  __shared__ float xs[kNarrowTile];
-  const int tile = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-  const int d0 = tile * kNarrowTile, nd = min(kNarrowTile, p.dim - d0);
+// A block per (tile of kTile channels, kRows rows): the conv of its channels and rows, then this
+// tile's share of x_proj for each row. x_proj runs as tasks e = j·C + c (output j, channels
+// [8c, 8c + 8), C = kTile / 8) whose weights are fetched before the conv, one 16-byte load each,
+// and serve all kRows rows; a task's 8 products in channel order, then an output's C tasks
+// (neighbouring lanes) added as a fixed tree.
+template <typename T, typename P, int kTile, int kRows>
+__global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<T, P> p) {
+  constexpr int kChunks = kTile / kChunk;
+  static_assert(kChunks <= 32 && 32 % kChunks == 0, "an output's tasks must lie in one warp");
+  __shared__ float xs[kRows][kTile];
+  const int tile = blockIdx.x, b0 = blockIdx.y * kRows, tid = threadIdx.x;
+  const int d0 = tile * kTile, nd = min(kTile, p.dim - d0);
   const int J = p.rank + 2 * p.dstate;
   T w[kTasks][kChunk];
   auto fetch = [&](int round) {
@@ -108,7 +118,10 @@ __global__ void __launch_bounds__(kThreads) conv_xproj_narrow_kernel(const Mixer
     }
   };
   fetch(0);
-  if (tid < kNarrowTile) xs[tid] = tid < nd ? conv_channel(p, b, d0 + tid) : 0.f;
+  for (int e = tid; e < kRows * kTile; e += kThreads) {
+    const int r = e / kTile, c = e % kTile;
+    xs[r][c] = c < nd && b0 + r < p.batch ? conv_channel(p, b0 + r, d0 + c) : 0.f;
+  }
   __syncthreads();
   const int rounds = (J * kChunks + kTasks * kThreads - 1) / (kTasks * kThreads);
   for (int round = 0; round < rounds; ++round) {
@@ -116,68 +129,48 @@ __global__ void __launch_bounds__(kThreads) conv_xproj_narrow_kernel(const Mixer
 #pragma unroll
     for (int k = 0; k < kTasks; ++k) {
       const int e = (round * kTasks + k) * kThreads + tid, j = e / kChunks, c0 = (e % kChunks) * kChunk;
-      float s = 0.f;
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) s = fmaf(to<float>(w[k][i]), xs[c0 + i], s);
+      for (int r = 0; r < kRows; ++r) {
+        float s = 0.f;
 #pragma unroll
-      for (int o = kChunks / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (c0 == 0 && j < J) p.partial[(int64_t(b) * p.conv_tiles + tile) * J + j] = s;
+        for (int i = 0; i < kChunk; ++i) s = fmaf(to<float>(w[k][i]), xs[r][c0 + i], s);
+#pragma unroll
+        for (int o = kChunks / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (c0 == 0 && j < J && b0 + r < p.batch) p.partial[(int64_t(b0 + r) * p.conv_tiles + tile) * J + j] = s;
+      }
     }
   }
 }
-
-// Larger batches: 128-channel tiles; x_proj with a warp per output, lanes across the channels.
-template <typename T, typename P>
-__global__ void __launch_bounds__(kThreads) conv_xproj_wide_kernel(const MixerParams<T, P> p) {
-  __shared__ float xs[kWideTile];
-  const int tile = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-  const int d0 = tile * kWideTile, nd = min(kWideTile, p.dim - d0);
-  if (tid < kWideTile) xs[tid] = tid < nd ? conv_channel(p, b, d0 + tid) : 0.f;
-  __syncthreads();
-  const int warp = tid / 32, lane = tid % 32, J = p.rank + 2 * p.dstate;
-  for (int j = warp; j < J; j += kThreads / 32) {
-    const T* w = p.x_proj_w + int64_t(j) * p.dim + d0;
-    float s = 0.f;
-    for (int k = lane; k < nd; k += 32) s = fmaf(to<float>(w[k]), xs[k], s);
-    s = warp_sum(s);
-    if (lane == 0) p.partial[(int64_t(b) * p.conv_tiles + tile) * J + j] = s;
-  }
-}
-
-// A = -exp(A_log) as the separate path computes it (at::exp in float): through double, since this
-// file is built with fast math and expf would be the approximate intrinsic.
-__device__ __forceinline__ float a_from_log(float a_log) { return -float(exp(double(a_log))); }
 
 // What one lane of the state update reads besides x_proj's output.
 template <typename T>
 struct LaneInputs {
   T dtw[kRankRegs];  // dt_proj row entries g, g + G, ...
-  float h[kStates], a_log[kStates];
+  float h[kStates], A2[kStates];  // the row's states; A·log2(e)
   float x, z, dt_bias, d_skip;
 };
 
+// The state is read whatever the reset flag says (zeroed when used), so no load waits on another.
 template <typename T, typename P>
 __device__ __forceinline__ void load_lane(LaneInputs<T>& in, const MixerParams<T, P>& p, int b, int d, int g,
-                                          bool active, bool owns_states, bool rst) {
+                                          bool active, bool owns_states) {
   const int N = p.dstate, R = p.rank, G = p.G, n0 = kStates * g;
   const int64_t row = int64_t(b) * p.dim + d;
 #pragma unroll
   for (int i = 0; i < kRankRegs; ++i) in.dtw[i] = active && g + i * G < R ? p.dt_proj_w[int64_t(d) * R + g + i * G] : T(0);
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) in.h[i] = 0.f, in.a_log[i] = 0.f;
+  for (int i = 0; i < kStates; ++i) in.h[i] = 0.f, in.A2[i] = 0.f;
   if (owns_states) {
     const float* h = p.ssm_state + row * N + n0;
-    if (!rst) {
-      if (p.vec) {
-        const float4 v = *reinterpret_cast<const float4*>(h);
-        in.h[0] = v.x, in.h[1] = v.y, in.h[2] = v.z, in.h[3] = v.w;
-      } else {
+    if (p.vec) {
+      const float4 v = *reinterpret_cast<const float4*>(h);
+      in.h[0] = v.x, in.h[1] = v.y, in.h[2] = v.z, in.h[3] = v.w;
+    } else {
 #pragma unroll
-        for (int i = 0; i < kStates; ++i) in.h[i] = n0 + i < N ? h[i] : 0.f;
-      }
+      for (int i = 0; i < kStates; ++i) in.h[i] = n0 + i < N ? h[i] : 0.f;
     }
 #pragma unroll
-    for (int i = 0; i < kStates; ++i) in.a_log[i] = n0 + i < N ? to<float>(p.A_log[int64_t(d) * N + n0 + i]) : 0.f;
+    for (int i = 0; i < kStates; ++i) in.A2[i] = n0 + i < N ? to<float>(p.A[int64_t(d) * N + n0 + i]) * kLog2e : 0.f;
   }
   in.x = active ? to<float>(p.xc[row]) : 0.f;
   in.z = active ? to<float>(p.xz[int64_t(b) * 2 * p.dim + p.dim + d]) : 0.f;
@@ -185,8 +178,9 @@ __device__ __forceinline__ void load_lane(LaneInputs<T>& in, const MixerParams<T
   in.d_skip = active ? to<float>(p.Dskip[d]) : 0.f;
 }
 
-// kEarly: the lane's loads go out before x_dbl's reduction (latency-bound small batches) rather
-// than after it (fewer live registers, for throughput at larger batches).
+// A block per (row, 256/G channels). kEarly: the lane's loads go out before x_dbl's reduction
+// (latency-bound small batches) rather than after it (fewer live registers during the
+// reduction, measured faster from batch 32 on).
 template <typename T, typename P, bool kEarly>
 __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p) {
   extern __shared__ float x_dbl[];  // [R + 2N]: δ, B, C
@@ -196,26 +190,26 @@ __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p
   const bool active = d_raw < p.dim, owns_states = active && n0 < N;
   const int d = active ? d_raw : 0;
   const int64_t row = int64_t(b) * p.dim + d;
-  const bool rst = p.reset && p.reset[b];
   LaneInputs<T> in;
-  if (kEarly) load_lane(in, p, b, d, g, active, owns_states, rst);
+  if (kEarly) load_lane(in, p, b, d, g, active, owns_states);
   // x_dbl = the tiles' partials added in tile order, rounded to the model dtype (as x_proj's
-  // Linear output is); the loads of a group of tiles go out together.
+  // Linear output is); the tiles' loads go out together.
+  constexpr int kGroup = 32;
   for (int j = tid; j < J; j += kThreads) {
     const float* src = p.partial + int64_t(b) * p.conv_tiles * J + j;
     float s = 0.f;
-    for (int t0 = 0; t0 < p.conv_tiles; t0 += 8) {
-      float v[8];
+    for (int t0 = 0; t0 < p.conv_tiles; t0 += kGroup) {
+      float v[kGroup];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = t0 + i < p.conv_tiles ? src[int64_t(t0 + i) * J] : 0.f;
+      for (int i = 0; i < kGroup; ++i) v[i] = t0 + i < p.conv_tiles ? src[int64_t(t0 + i) * J] : 0.f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < kGroup; ++i)
         if (t0 + i < p.conv_tiles) s += v[i];
     }
     x_dbl[j] = to<float>(T(s));
   }
   __syncthreads();
-  if (!kEarly) load_lane(in, p, b, d, g, active, owns_states, rst);
+  if (!kEarly) load_lane(in, p, b, d, g, active, owns_states);
   const float *delta_low = x_dbl, *Bv = x_dbl + R, *Cv = x_dbl + R + N;
   // Δ before its bias: the channel's dt_proj row · δ, the row's G lanes splitting the rank.
   float dt_lin = 0.f;
@@ -223,20 +217,20 @@ __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p
   for (int i = 0; i < kRankRegs; ++i)
     if (g + i * G < R) dt_lin = fmaf(to<float>(in.dtw[i]), delta_low[g + i * G], dt_lin);
   if (active)
-    for (int r = g + kRankRegs * G; r < R; r += G)
-      dt_lin = fmaf(to<float>(p.dt_proj_w[int64_t(d) * R + r]), delta_low[r], dt_lin);
+    for (int q = g + kRankRegs * G; q < R; q += G)
+      dt_lin = fmaf(to<float>(p.dt_proj_w[int64_t(d) * R + q]), delta_low[q], dt_lin);
   for (int o = G / 2; o > 0; o >>= 1) dt_lin += __shfl_xor_sync(0xffffffffu, dt_lin, o);
   // selective_state_update's arithmetic from here (see selective_state_update_kernel.cu).
   float part = 0.f;
   if (owns_states) {
+    const bool rst = p.reset && p.reset[b];
     const float raw = to<float>(T(dt_lin)) + in.dt_bias;  // Δ rounded as dt_proj's output
     const float dt = softplus_fast(raw), dtu = dt * in.x;
 #pragma unroll
     for (int i = 0; i < kStates; ++i) {
       const int n = n0 + i;
       if (n < N) {
-        const float A2 = a_from_log(in.a_log[i]) * kLog2e;
-        in.h[i] = fmaf(exp_scaled(dt * A2), in.h[i], dtu * Bv[n]);
+        in.h[i] = fmaf(exp_scaled(dt * in.A2[i]), rst ? 0.f : in.h[i], dtu * Bv[n]);
         part = fmaf(Cv[n], in.h[i], part);
       }
     }
@@ -263,29 +257,35 @@ __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p
 template <typename T, typename P>
 void launch(const MixerStepDims& s, const at::Tensor& xz, const at::Tensor& conv_state, const at::Tensor& ssm_state,
             const at::Tensor& conv_w, const at::Tensor& conv_b, const at::Tensor& x_proj_w,
-            const at::Tensor& dt_proj_w, const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Dskip,
+            const at::Tensor& dt_proj_w, const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Dskip,
             const at::Tensor& reset, const at::Tensor& xc, const at::Tensor& partial, const at::Tensor& y) {
   MixerParams<T, P> p{};
   p.xz = xz.data_ptr<T>(), p.conv_state = conv_state.data_ptr<float>(), p.ssm_state = ssm_state.data_ptr<float>();
   p.conv_w = conv_w.data_ptr<P>(), p.conv_b = ptr<P>(conv_b), p.dt_bias = dt_bias.data_ptr<P>();
-  p.A_log = A_log.data_ptr<P>(), p.Dskip = Dskip.data_ptr<P>();
+  p.A = A.data_ptr<P>(), p.Dskip = Dskip.data_ptr<P>();
   p.x_proj_w = x_proj_w.data_ptr<T>(), p.dt_proj_w = dt_proj_w.data_ptr<T>(), p.reset = ptr<bool>(reset);
   p.xc = xc.data_ptr<T>(), p.partial = partial.data_ptr<float>(), p.y = y.data_ptr<T>();
   p.batch = int(s.batch), p.dim = int(s.dim), p.width = int(s.width), p.dstate = int(s.dstate);
   const bool latency_bound = s.batch <= kMaxLatencyBatch;
   p.rank = int(s.rank), p.conv_tiles = ceil_div(s.dim, latency_bound ? kNarrowTile : kWideTile);
+  // Several rows per block only once the batch alone fills the GPU with blocks.
+  const int rows = s.batch >= kMinBatchForRowBlocks ? kRowsPerBlock : 1;
   p.G = std::max(4, pow2_ceil(ceil_div(s.dstate, kStates)));  // as selective_state_update
   p.vec = s.dstate % kStates == 0 && aligned16(p.ssm_state);
   p.w_vec = (s.dim * int64_t(sizeof(T))) % 16 == 0 && aligned16(p.x_proj_w);
   const auto stream = current_stream();
-  const dim3 conv_grid(p.conv_tiles, unsigned(s.batch)), ssm_grid(ceil_div(s.dim, kThreads / p.G), unsigned(s.batch));
+  const dim3 conv_grid(p.conv_tiles, ceil_div(s.batch, rows)), ssm_grid(ceil_div(s.dim, kThreads / p.G), unsigned(s.batch));
   const size_t smem = sizeof(float) * size_t(s.rank + 2 * s.dstate);
   if (latency_bound) {
-    conv_xproj_narrow_kernel<T, P><<<conv_grid, kThreads, 0, stream>>>(p);
+    conv_xproj_kernel<T, P, kNarrowTile, 1><<<conv_grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ssm_kernel<T, P, true><<<ssm_grid, kThreads, smem, stream>>>(p);
+  } else if (rows == 1) {
+    conv_xproj_kernel<T, P, kWideTile, 1><<<conv_grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ssm_kernel<T, P, true><<<ssm_grid, kThreads, smem, stream>>>(p);
   } else {
-    conv_xproj_wide_kernel<T, P><<<conv_grid, kThreads, 0, stream>>>(p);
+    conv_xproj_kernel<T, P, kWideTile, kRowsPerBlock><<<conv_grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ssm_kernel<T, P, false><<<ssm_grid, kThreads, smem, stream>>>(p);
   }
@@ -295,14 +295,14 @@ void launch(const MixerStepDims& s, const at::Tensor& xz, const at::Tensor& conv
 at::Tensor mamba_mixer_step_cuda(const at::Tensor& xz, const at::Tensor& conv_state, const at::Tensor& ssm_state,
                                  const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                                  const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
-                                 const at::Tensor& dt_proj_bias, const at::Tensor& A_log, const at::Tensor& D,
+                                 const at::Tensor& dt_proj_bias, const at::Tensor& A, const at::Tensor& D,
                                  const std::optional<at::Tensor>& reset) {
   const MixerStepDims s = check_mamba_mixer_step_args(xz, conv_state, ssm_state, conv_weight, conv_bias,
-                                                      x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, reset);
+                                                      x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reset);
   const auto t = xz.scalar_type();
   // The small parameters are read in one dtype: float32, or xz's when all of them have it.
   at::ScalarType param = conv_weight.scalar_type();
-  for (const at::Tensor* q : {&dt_proj_bias, &A_log, &D})
+  for (const at::Tensor* q : {&dt_proj_bias, &A, &D})
     if (q->scalar_type() != param) param = at::kFloat;
   if (conv_bias && conv_bias->scalar_type() != param) param = at::kFloat;
   // Shared memory for x_dbl: (R + 2N) floats, kept within the default 48 KB.
@@ -310,7 +310,7 @@ at::Tensor mamba_mixer_step_cuda(const at::Tensor& xz, const at::Tensor& conv_st
                     (s.rank + 2 * s.dstate) * 4 <= 48 * 1024 && s.batch <= 65535 && s.batch * s.dim < (int64_t(1) << 31);
   if (!fast || s.batch == 0 || s.dim == 0) {
     return mamba_mixer_step_unfused(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                                    dt_proj_bias, A_log, D, reset);
+                                    dt_proj_bias, A, D, reset);
   }
   c10::cuda::CUDAGuard guard(xz.device());
   // Strided states are worked on as contiguous copies and written back, as the other decode ops do.
@@ -318,7 +318,7 @@ at::Tensor mamba_mixer_step_cuda(const at::Tensor& xz, const at::Tensor& conv_st
   at::Tensor ss = ssm_state.is_contiguous() ? ssm_state : ssm_state.contiguous();
   auto as_param = [&](const at::Tensor& q) { return q.to(param).contiguous(); };  // no-ops when they fit
   const at::Tensor cw = as_param(conv_weight), cb = conv_bias ? as_param(*conv_bias) : at::Tensor();
-  const at::Tensor db = as_param(dt_proj_bias), al = as_param(A_log), dk = as_param(D);
+  const at::Tensor db = as_param(dt_proj_bias), al = as_param(A), dk = as_param(D);
   const at::Tensor xzc = xz.contiguous(), xw = x_proj_weight.contiguous(), dw = dt_proj_weight.contiguous();
   const at::Tensor rst = contig_or_undef(reset);
   const at::Tensor xc = at::empty({s.batch, s.dim}, xz.options());
