@@ -21,6 +21,8 @@
 // separate ops.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "ops/cuda/common.cuh"
 #include "ops/mamba_mixer_step.h"
 #include "ops/math.h"
@@ -58,6 +60,7 @@ struct MixerParams {
   int batch, dim, width, dstate, rank, conv_tiles, G;
   bool vec;    // ssm_state rows 16-byte aligned and N % 4 == 0
   bool w_vec;  // x_proj rows 16-byte aligned (D·sizeof(T) % 16 == 0 and an aligned base)
+  bool a_vec;  // A float32 with 16-byte aligned rows of N % 4 == 0
 };
 
 // Channel d of row b: causal_conv1d_update's arithmetic (taps newest first, in float), conv_state
@@ -99,7 +102,7 @@ template <typename T, typename P, int kTile, int kRows>
 __global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<T, P> p) {
   constexpr int kChunks = kTile / kChunk;
   static_assert(kChunks <= 32 && 32 % kChunks == 0, "an output's tasks must lie in one warp");
-  __shared__ float xs[kRows][kTile];
+  __shared__ __align__(16) float xs[kRows][kTile];
   const int tile = blockIdx.x, b0 = blockIdx.y * kRows, tid = threadIdx.x;
   const int d0 = tile * kTile, nd = min(kTile, p.dim - d0);
   const int J = p.rank + 2 * p.dstate;
@@ -131,9 +134,12 @@ __global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<
       const int e = (round * kTasks + k) * kThreads + tid, j = e / kChunks, c0 = (e % kChunks) * kChunk;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
+        // The task's 8 inputs as two 16-byte shared loads (lanes 8 floats apart: no bank conflicts).
+        const float4 lo = *reinterpret_cast<const float4*>(&xs[r][c0]), hi = *reinterpret_cast<const float4*>(&xs[r][c0 + 4]);
+        const float x8[kChunk] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         float s = 0.f;
 #pragma unroll
-        for (int i = 0; i < kChunk; ++i) s = fmaf(to<float>(w[k][i]), xs[r][c0 + i], s);
+        for (int i = 0; i < kChunk; ++i) s = fmaf(to<float>(w[k][i]), x8[i], s);
 #pragma unroll
         for (int o = kChunks / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (c0 == 0 && j < J && b0 + r < p.batch) p.partial[(int64_t(b0 + r) * p.conv_tiles + tile) * J + j] = s;
@@ -145,10 +151,20 @@ __global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<
 // What one lane of the state update reads besides x_proj's output.
 template <typename T>
 struct LaneInputs {
-  T dtw[kRankRegs];  // dt_proj row entries g, g + G, ...
+  T dtw[kRankRegs];  // dt_proj row entries g, g + G, ... (neighbouring lanes read neighbouring entries)
   float h[kStates], A2[kStates];  // the row's states; A·log2(e)
   float x, z, dt_bias, d_skip;
 };
+
+template <typename T, typename P>
+__device__ __forceinline__ void load_row_inputs(LaneInputs<T>& in, const MixerParams<T, P>& p, int b, int d,
+                                                bool active) {
+  const int64_t row = int64_t(b) * p.dim + d;
+  in.x = active ? to<float>(p.xc[row]) : 0.f;
+  in.z = active ? to<float>(p.xz[int64_t(b) * 2 * p.dim + p.dim + d]) : 0.f;
+  in.dt_bias = active ? to<float>(p.dt_bias[d]) : 0.f;
+  in.d_skip = active ? to<float>(p.Dskip[d]) : 0.f;
+}
 
 // The state is read whatever the reset flag says (zeroed when used), so no load waits on another.
 template <typename T, typename P>
@@ -156,8 +172,9 @@ __device__ __forceinline__ void load_lane(LaneInputs<T>& in, const MixerParams<T
                                           bool active, bool owns_states) {
   const int N = p.dstate, R = p.rank, G = p.G, n0 = kStates * g;
   const int64_t row = int64_t(b) * p.dim + d;
+  const T* w = p.dt_proj_w + int64_t(d) * R + g;
 #pragma unroll
-  for (int i = 0; i < kRankRegs; ++i) in.dtw[i] = active && g + i * G < R ? p.dt_proj_w[int64_t(d) * R + g + i * G] : T(0);
+  for (int i = 0; i < kRankRegs; ++i) in.dtw[i] = active && g + i * G < R ? w[i * G] : T(0);
 #pragma unroll
   for (int i = 0; i < kStates; ++i) in.h[i] = 0.f, in.A2[i] = 0.f;
   if (owns_states) {
@@ -169,13 +186,18 @@ __device__ __forceinline__ void load_lane(LaneInputs<T>& in, const MixerParams<T
 #pragma unroll
       for (int i = 0; i < kStates; ++i) in.h[i] = n0 + i < N ? h[i] : 0.f;
     }
+    const P* a = p.A + int64_t(d) * N + n0;
+    if constexpr (std::is_same_v<P, float>) {
+      if (p.a_vec) {
+        const float4 v = *reinterpret_cast<const float4*>(a);
+        in.A2[0] = v.x * kLog2e, in.A2[1] = v.y * kLog2e, in.A2[2] = v.z * kLog2e, in.A2[3] = v.w * kLog2e;
+        return load_row_inputs(in, p, b, d, active);
+      }
+    }
 #pragma unroll
-    for (int i = 0; i < kStates; ++i) in.A2[i] = n0 + i < N ? to<float>(p.A[int64_t(d) * N + n0 + i]) * kLog2e : 0.f;
+    for (int i = 0; i < kStates; ++i) in.A2[i] = n0 + i < N ? to<float>(a[i]) * kLog2e : 0.f;
   }
-  in.x = active ? to<float>(p.xc[row]) : 0.f;
-  in.z = active ? to<float>(p.xz[int64_t(b) * 2 * p.dim + p.dim + d]) : 0.f;
-  in.dt_bias = active ? to<float>(p.dt_bias[d]) : 0.f;
-  in.d_skip = active ? to<float>(p.Dskip[d]) : 0.f;
+  load_row_inputs(in, p, b, d, active);
 }
 
 // A block per (row, 256/G channels). kEarly: the lane's loads go out before x_dbl's reduction
@@ -194,14 +216,16 @@ __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p
   if (kEarly) load_lane(in, p, b, d, g, active, owns_states);
   // x_dbl = the tiles' partials added in tile order, rounded to the model dtype (as x_proj's
   // Linear output is); the tiles' loads go out together.
-  constexpr int kGroup = 32;
+  // One group covers every tile in the latency-bound case (24 tiles at D 1536); at larger batches
+  // (12 tiles) a smaller group issues fewer predicated-off loads, where instruction issue is the bound.
+  constexpr int kGroup = kEarly ? 32 : 16;
   for (int j = tid; j < J; j += kThreads) {
     const float* src = p.partial + int64_t(b) * p.conv_tiles * J + j;
     float s = 0.f;
-    for (int t0 = 0; t0 < p.conv_tiles; t0 += kGroup) {
+    for (int t0 = 0; t0 < p.conv_tiles; t0 += kGroup, src += kGroup * J) {
       float v[kGroup];
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) v[i] = t0 + i < p.conv_tiles ? src[int64_t(t0 + i) * J] : 0.f;
+      for (int i = 0; i < kGroup; ++i) v[i] = t0 + i < p.conv_tiles ? src[i * J] : 0.f;
 #pragma unroll
       for (int i = 0; i < kGroup; ++i)
         if (t0 + i < p.conv_tiles) s += v[i];
@@ -273,6 +297,7 @@ void launch(const MixerStepDims& s, const at::Tensor& xz, const at::Tensor& conv
   p.G = std::max(4, pow2_ceil(ceil_div(s.dstate, kStates)));  // as selective_state_update
   p.vec = s.dstate % kStates == 0 && aligned16(p.ssm_state);
   p.w_vec = (s.dim * int64_t(sizeof(T))) % 16 == 0 && aligned16(p.x_proj_w);
+  p.a_vec = std::is_same_v<P, float> && s.dstate % kStates == 0 && aligned16(p.A);
   const auto stream = current_stream();
   const dim3 conv_grid(p.conv_tiles, ceil_div(s.batch, rows)), ssm_grid(ceil_div(s.dim, kThreads / p.G), unsigned(s.batch));
   const size_t smem = sizeof(float) * size_t(s.rank + 2 * s.dstate);
