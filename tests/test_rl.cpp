@@ -285,6 +285,25 @@ struct ReferenceOutput {
   std::vector<at::Tensor> state;
 };
 
+// forward_chunk, whole chunk and stepwise, against a reference recurrence (obs, s0) -> ReferenceOutput:
+// outputs, final state and every gradient of a ChunkLoss, to float64 rounding.
+template <typename Reference>
+void expect_chunk_matches_reference(rl::RecurrentPolicyImpl& policy, const at::Tensor& obs, const rl::RecurrentState& s0,
+                                    const at::Tensor& resets, Reference&& reference) {
+  const ChunkLoss loss(obs, policy.num_actions, s0);
+  const auto expected = loss.outputs_and_gradients(policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+    ReferenceOutput r = reference(x, s);
+    return std::make_tuple(r.logits, r.values, r.state);
+  });
+  for (bool stepwise : {false, true}) {
+    SCOPED_TRACE(stepwise ? "stepwise" : "whole chunk");
+    expect_all_close(loss.outputs_and_gradients(policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+      rl::PolicyOutput out = policy.forward_chunk(x, s, resets, stepwise);
+      return std::make_tuple(out.logits, out.values, out.state.tensors);
+    }), expected, 1e-9, 1e-11);
+  }
+}
+
 ReferenceOutput reference_mamba_policy(rl::MambaPolicyImpl& p, const at::Tensor& obs, const rl::RecurrentState& s0,
                                        const at::Tensor& resets) {
   const auto& c = p.config;
@@ -339,18 +358,9 @@ TEST(RlPolicy, MambaMatchesAPlainLibtorchRecurrenceWithGradients) {
   resets.index_put_({3, 0}, true), resets.index_put_({6, 1}, true), resets.index_put_({1, 2}, true);
   rl::RecurrentState s0 = policy->initial_state(N);
   for (auto& t : s0.tensors) t = at::randn(t.sizes(), at::kDouble) * 0.5;
-  const ChunkLoss loss(obs, 5, s0);
-  const auto expected = loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
-    ReferenceOutput r = reference_mamba_policy(mamba, x, s, resets);
-    return std::make_tuple(r.logits, r.values, r.state);
+  expect_chunk_matches_reference(*policy, obs, s0, resets, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+    return reference_mamba_policy(mamba, x, s, resets);
   });
-  for (bool stepwise : {false, true}) {
-    SCOPED_TRACE(stepwise ? "stepwise" : "whole chunk");
-    expect_all_close(loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
-      rl::PolicyOutput out = policy->forward_chunk(x, s, resets, stepwise);
-      return std::make_tuple(out.logits, out.values, out.state.tensors);
-    }), expected, 1e-9, 1e-11);
-  }
 }
 
 // The GRU policy recomputed from its own parameters, one step at a time, with nn::GRU's equations
@@ -413,18 +423,9 @@ TEST(RlPolicy, GruMatchesAPlainLibtorchRecurrenceWithGradients) {
     SCOPED_TRACE(::testing::Message() << resets.sum().item<int64_t>() << " restarts");
     const at::Tensor obs = at::randn({T, N, 3}, at::kDouble);
     const rl::RecurrentState s0{{at::randn({N, o.layers, o.width}, at::kDouble) * 0.5}};
-    const ChunkLoss loss(obs, 5, s0);
-    const auto expected = loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
-      ReferenceOutput r = reference_gru_policy(gru, x, s, resets);
-      return std::make_tuple(r.logits, r.values, r.state);
+    expect_chunk_matches_reference(*policy, obs, s0, resets, [&](const at::Tensor& x, const rl::RecurrentState& s) {
+      return reference_gru_policy(gru, x, s, resets);
     });
-    for (bool stepwise : {false, true}) {
-      SCOPED_TRACE(stepwise ? "stepwise" : "whole chunk");
-      expect_all_close(loss.outputs_and_gradients(*policy, obs, s0, [&](const at::Tensor& x, const rl::RecurrentState& s) {
-        rl::PolicyOutput out = policy->forward_chunk(x, s, resets, stepwise);
-        return std::make_tuple(out.logits, out.values, out.state.tensors);
-      }), expected, 1e-9, 1e-11);
-    }
   }
 }
 
