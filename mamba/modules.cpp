@@ -6,8 +6,6 @@
 #include <cmath>
 
 #include "ops/args.h"
-#include "ops/mamba_mixer_step.h"
-#include "ops/small_batch_linear.h"
 #include "ops/ops.h"
 
 namespace statemamba {

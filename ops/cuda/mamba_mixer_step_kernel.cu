@@ -38,6 +38,8 @@ constexpr int kNarrowTile = 64;      // channels per conv/x_proj block, small ba
 constexpr int kWideTile = 128;       // larger batches
 constexpr int kRowsPerBlock = 4;     // large batches: rows per conv block, sharing x_proj's weight loads
 constexpr int kMinBatchForRowBlocks = 32;
+// Channels per conv/x_proj block for a batch: the launch and the partial sums' buffer agree on it.
+inline int conv_tile_for(int64_t batch) { return batch <= kMaxLatencyBatch ? kNarrowTile : kWideTile; }
 constexpr int kChunk = 8;            // channels per x_proj task: one 16-byte load of bfloat16 weights
 constexpr int kTasks = 8;            // x_proj tasks per thread in flight (J = R + 2N <= 256 in one round)
 constexpr int kMaxW = 8;
@@ -291,7 +293,7 @@ void launch(const MixerStepDims& s, const at::Tensor& xz, const at::Tensor& conv
   p.xc = xc.data_ptr<T>(), p.partial = partial.data_ptr<float>(), p.y = y.data_ptr<T>();
   p.batch = int(s.batch), p.dim = int(s.dim), p.width = int(s.width), p.dstate = int(s.dstate);
   const bool latency_bound = s.batch <= kMaxLatencyBatch;
-  p.rank = int(s.rank), p.conv_tiles = ceil_div(s.dim, latency_bound ? kNarrowTile : kWideTile);
+  p.rank = int(s.rank), p.conv_tiles = ceil_div(s.dim, conv_tile_for(s.batch));
   // Several rows per block only once the batch alone fills the GPU with blocks.
   const int rows = s.batch >= kMinBatchForRowBlocks ? kRowsPerBlock : 1;
   p.G = std::max(4, pow2_ceil(ceil_div(s.dstate, kStates)));  // as selective_state_update
@@ -348,7 +350,7 @@ at::Tensor mamba_mixer_step_cuda(const at::Tensor& xz, const at::Tensor& conv_st
   const at::Tensor rst = contig_or_undef(reset);
   const at::Tensor xc = at::empty({s.batch, s.dim}, xz.options());
   const at::Tensor partial =
-      at::empty({s.batch, ceil_div(s.dim, s.batch <= kMaxLatencyBatch ? kNarrowTile : kWideTile), s.rank + 2 * s.dstate},
+      at::empty({s.batch, ceil_div(s.dim, conv_tile_for(s.batch)), s.rank + 2 * s.dstate},
                 xz.options().dtype(at::kFloat));
   at::Tensor y = at::empty({s.batch, s.dim}, xz.options());
   SM_DISPATCH_FAST(t, "mamba_mixer_step_cuda", [&] {
