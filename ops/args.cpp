@@ -195,14 +195,8 @@ LinearDims check_small_batch_linear_args(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(weight.dim() == 2, "small_batch_linear: argument 'weight' must have shape [out_features, ",
               "in_features], got ", shape_str(weight.sizes()));
   const int64_t N = weight.size(0), K = x.size(1);
-  c.shape("weight", weight, {N, K}, "[out_features, in_features]");
-  c.device("weight", weight);
-  c.same_dtype("weight", weight, "x", x);
-  if (bias) {
-    c.shape("bias", *bias, {N}, "[out_features]");
-    c.device("bias", *bias);
-    c.same_dtype("bias", *bias, "x", x);
-  }
+  c.input("weight", weight, {N, K}, "[out_features, in_features]", "x");
+  if (bias) c.input("bias", *bias, {N}, "[out_features]", "x");
   return {x.size(0), N, K};
 }
 
