@@ -142,12 +142,20 @@ at::Tensor MambaImpl::step(const at::Tensor& x, MambaInferenceState& state, cons
   TORCH_CHECK(x.dim() == 2 && x.size(1) == options.d_model(),
               "Mamba::step: argument 'x' must have shape [batch, d_model] with d_model = ", options.d_model(),
               ", got ", x.sizes());
-  state.validate_for(spec, x.size(0), x.device(), state_dtype());
   torch::NoGradGuard no_grad;  // the decode ops have no backward
+  // The projections around the mixer step read their weights once (GEMV kernels on CUDA;
+  // at::linear itself elsewhere).
+  return step_projected(ops::small_batch_linear(x, in_proj->weight, maybe(in_proj->bias)), state, reset);
+}
+
+at::Tensor MambaImpl::step_projected(const at::Tensor& xz, MambaInferenceState& state, const OptionalMask& reset) {
+  TORCH_CHECK(xz.dim() == 2 && xz.size(1) == 2 * options.d_inner(),
+              "Mamba::step_projected: argument 'xz' must have shape [batch, 2 * d_inner] with d_inner = ",
+              options.d_inner(), ", got ", xz.sizes());
+  state.validate_for(spec, xz.size(0), xz.device(), state_dtype());
+  torch::NoGradGuard no_grad;
   // conv update + SiLU, x_proj, dt_proj, state update and gate in one op: fused kernels on CUDA,
-  // the separate decode ops (as forward's arithmetic) on the CPU. The projections around it read
-  // their weights once (GEMV kernels on CUDA; at::linear itself elsewhere).
-  const auto xz = ops::small_batch_linear(x, in_proj->weight, maybe(in_proj->bias));
+  // the separate decode ops (as forward's arithmetic) on the CPU.
   // The small parameters in float32, derived once as forward's (A = -exp(A_log)): no casts per step.
   const auto [conv_weight, conv_bias] = conv_params();
   const auto [A, D_, dt_bias] = ssm_params();
@@ -175,14 +183,18 @@ void MambaBlockImpl::reset() {
   norm = register_module("norm", Norm(options.d_model(), options.norm_eps(), options.rms_norm()));
 }
 
-std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::pre_norm(const at::Tensor& hidden, const at::Tensor& residual) {
+at::ScalarType MambaBlockImpl::residual_dtype(const at::Tensor& hidden, const at::Tensor& residual) const {
   const auto promoted =
       residual.defined() ? at::promote_types(hidden.scalar_type(), residual.scalar_type()) : hidden.scalar_type();
   // "fp32" means at least fp32: a float64 model keeps its residual in float64.
-  const auto residual_dtype = options.residual_in_fp32() && promoted != at::kDouble ? at::kFloat : promoted;
-  if (norm->rms) return ops::add_rms_norm(hidden, maybe(residual), norm->weight, norm->eps, residual_dtype);
+  return options.residual_in_fp32() && promoted != at::kDouble ? at::kFloat : promoted;
+}
+
+std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::pre_norm(const at::Tensor& hidden, const at::Tensor& residual) {
+  const auto dtype = residual_dtype(hidden, residual);
+  if (norm->rms) return ops::add_rms_norm(hidden, maybe(residual), norm->weight, norm->eps, dtype);
   const at::Tensor r = residual.defined() ? hidden + residual : hidden;
-  return {norm->forward(r.to(norm->weight.scalar_type())), r.to(residual_dtype)};
+  return {norm->forward(r.to(norm->weight.scalar_type())), r.to(dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::forward(const at::Tensor& hidden, const at::Tensor& residual,
@@ -193,6 +205,14 @@ std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::forward(const at::Tensor& hid
 
 std::tuple<at::Tensor, at::Tensor> MambaBlockImpl::step(const at::Tensor& hidden, const at::Tensor& residual,
                                                         MambaInferenceState& state, const OptionalMask& reset) {
+  if (norm->rms) {  // the norm and in_proj in one pass (one kernel at batch 1-2 on CUDA), same values
+    torch::NoGradGuard no_grad;
+    const auto& in_proj = mixer->in_proj;
+    const auto [xz, r] = ops::add_rms_norm_linear(hidden, maybe(residual), norm->weight, norm->eps,
+                                                  residual_dtype(hidden, residual), in_proj->weight,
+                                                  maybe(in_proj->bias));
+    return {mixer->step_projected(xz, state, reset), r};
+  }
   const auto [h, r] = pre_norm(hidden, residual);
   return {mixer->step(h, state, reset), r};
 }
@@ -302,7 +322,8 @@ at::Tensor MambaLMHeadModelImpl::forward(const at::Tensor& input_ids, MambaStack
 at::Tensor MambaLMHeadModelImpl::step(const at::Tensor& input_ids, MambaStackState& state, const OptionalMask& reset) {
   const auto hidden = backbone->step(input_ids, state, reset);
   torch::NoGradGuard no_grad;
-  return logits(hidden);
+  // [batch, d] rows: the GEMV kernel at batch 1-2 on CUDA (reads the head once), at::linear otherwise.
+  return ops::small_batch_linear(hidden, lm_head ? lm_head->weight : backbone->embeddings->weight, std::nullopt);
 }
 
 }  // namespace statemamba

@@ -69,6 +69,8 @@ class MambaImpl : public torch::nn::Cloneable<MambaImpl> {
 
   at::Tensor forward(const at::Tensor& x, MambaInferenceState* state = nullptr, const OptionalMask& reset = {});
   at::Tensor step(const at::Tensor& x, MambaInferenceState& state, const OptionalMask& reset = {});
+  // step() from in_proj's output xz = in_proj(x), [batch, 2·d_inner] (a block's fused norm + in_proj).
+  at::Tensor step_projected(const at::Tensor& xz, MambaInferenceState& state, const OptionalMask& reset = {});
 
   // The state dtype for this mixer's current parameter dtype.
   at::ScalarType state_dtype() const;
@@ -122,6 +124,7 @@ class MambaBlockImpl : public torch::nn::Cloneable<MambaBlockImpl> {
  private:
   // (norm(residual'), residual') with residual' = hidden + residual.
   std::tuple<at::Tensor, at::Tensor> pre_norm(const at::Tensor& hidden, const at::Tensor& residual);
+  at::ScalarType residual_dtype(const at::Tensor& hidden, const at::Tensor& residual) const;
 };
 TORCH_MODULE(MambaBlock);
 

@@ -210,18 +210,17 @@ bool rows_contiguous(const at::Tensor& t) { return t.is_contiguous(); }
 
 NormIO prepare_add_rms_norm(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
                             const at::Tensor& weight, double eps, std::optional<at::ScalarType> residual_dtype,
-                            bool allocate) {
-  const char* op = "add_rms_norm";
+                            bool allocate, const char* op, const char* weight_arg) {
   Checker c{op, hidden};
   c.defined("hidden", hidden);
   TORCH_CHECK(hidden.dim() >= 1 && hidden.numel() > 0, op, ": argument 'hidden' must be a non-empty [..., C] tensor, got ",
               shape_str(hidden.sizes()));
   c.floating("hidden", hidden);
   const int64_t C = hidden.size(-1);
-  c.defined("weight", weight);
-  c.shape("weight", weight, {C}, "[C] (C = hidden.size(-1))");
-  c.device("weight", weight);
-  c.floating("weight", weight);
+  c.defined(weight_arg, weight);
+  c.shape(weight_arg, weight, {C}, "[C] (C = hidden.size(-1))");
+  c.device(weight_arg, weight);
+  c.floating(weight_arg, weight);
   const bool has_res = residual && residual->defined();
   if (has_res) {
     c.shape("residual", *residual, hidden.sizes().vec(), "hidden's shape");
@@ -255,6 +254,29 @@ NormIO prepare_add_rms_norm(const at::Tensor& hidden, const std::optional<at::Te
     };
     io.normed = make(weight.scalar_type());
     io.residual_out = make(out_res);
+  }
+  return io;
+}
+
+NormIO check_add_rms_norm_linear_args(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
+                                      const at::Tensor& norm_weight, double eps,
+                                      std::optional<at::ScalarType> residual_dtype, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias) {
+  const char* op = "add_rms_norm_linear";
+  Checker c{op, hidden};
+  c.defined("hidden", hidden);
+  TORCH_CHECK(hidden.dim() == 2, op, ": argument 'hidden' must have shape [batch, C], got ", shape_str(hidden.sizes()));
+  NormIO io = prepare_add_rms_norm(hidden, residual, norm_weight, eps, residual_dtype, /*allocate=*/false, op,
+                                   "norm_weight");
+  c.defined("weight", weight);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == io.channels, op, ": argument 'weight' must have shape ",
+              "[out_features, C] with C = ", io.channels, ", got ", shape_str(weight.sizes()));
+  c.device("weight", weight);
+  c.same_dtype("weight", weight, "norm_weight", norm_weight);
+  if (bias) {
+    c.shape("bias", *bias, {weight.size(0)}, "[out_features]");
+    c.device("bias", *bias);
+    c.same_dtype("bias", *bias, "norm_weight", norm_weight);
   }
   return io;
 }

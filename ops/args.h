@@ -61,7 +61,14 @@ struct NormIO {
 };
 NormIO prepare_add_rms_norm(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
                             const at::Tensor& weight, double eps, std::optional<at::ScalarType> residual_dtype,
-                            bool allocate = true);
+                            bool allocate = true, const char* op = "add_rms_norm", const char* weight_arg = "weight");
+
+// add_rms_norm_linear: add_rms_norm's checks on rows hidden [B, C] (nothing allocated), then
+// weight [N, C] and bias [N] in norm_weight's dtype, on hidden's device.
+NormIO check_add_rms_norm_linear_args(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
+                                      const at::Tensor& norm_weight, double eps,
+                                      std::optional<at::ScalarType> residual_dtype, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias);
 
 // The state dtype for inputs of dtype t: float64 stays, everything else accumulates in float32.
 inline at::ScalarType state_dtype_for(at::ScalarType t) {

@@ -6,6 +6,7 @@
 // State tensors are float32 (float64 when the inputs are float64).
 // A reset mask marks episode starts: where reset[b, t] is true, row b forgets everything before t.
 #include "ops/add_rms_norm.h"
+#include "ops/add_rms_norm_linear.h"
 #include "ops/causal_conv1d.h"
 #include "ops/causal_conv1d_update.h"
 #include "ops/mamba_mixer_step.h"

@@ -752,4 +752,53 @@ TEST(CudaSmallBatchLinear, LargeBatchesAreAtLinearAndBadArgumentsAreNamed) {
 }
 // ---- small_batch_linear (end) ----------------------------------------------------------------------
 
+// ---- add_rms_norm_linear ---------------------------------------------------------------------------
+
+// The fused kernel (batch <= 2) against the two ops it replaces, add_rms_norm then
+// small_batch_linear, on the same device: the same bits, y and the residual stream, across dtypes,
+// residual dtypes, the first layer's call without a residual, shapes whose C is no whole number of
+// 16-byte vectors, and biases. Larger batches take the two ops themselves.
+TEST(CudaAddRmsNormLinear, EqualsAddRmsNormThenSmallBatchLinearBitForBit) {
+  SKIP_WITHOUT_CUDA();
+  struct Shape { int64_t out, in; };
+  const std::vector<Shape> shapes = {{3072, 768}, {768, 1536}, {37, 13}, {9, 1000}, {2, 64}};
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (const Shape& sh : shapes) {
+      for (int64_t batch : {1, 2, 3}) {
+        for (int residual_kind = 0; residual_kind < 3; ++residual_kind) {  // none; float32; the model dtype
+          for (bool with_bias : {false, true}) {
+            SCOPED_TRACE(std::string(c10::toString(dtype)) + " batch " + std::to_string(batch) + " C " +
+                         std::to_string(sh.in) + " N " + std::to_string(sh.out) + " residual " +
+                         std::to_string(residual_kind) + " bias " + std::to_string(with_bias));
+            at::manual_seed(batch * 13 + sh.out + residual_kind);
+            const auto opt = at::TensorOptions(kCuda).dtype(dtype);
+            const at::Tensor hidden = at::randn({batch, sh.in}, opt);
+            std::optional<at::Tensor> residual;
+            if (residual_kind == 1) residual = at::randn({batch, sh.in}, opt.dtype(at::kFloat)) * 3;
+            if (residual_kind == 2) residual = at::randn({batch, sh.in}, opt) * 3;
+            const at::Tensor g = at::rand({sh.in}, opt) + 0.5;
+            const at::Tensor w = at::randn({sh.out, sh.in}, opt).div(std::sqrt(double(sh.in)));
+            const std::optional<at::Tensor> b = with_bias ? std::optional<at::Tensor>(at::randn({sh.out}, opt)) : std::nullopt;
+            const auto res_dtype = residual_kind == 1 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt;
+            const auto [y, r] = ops::add_rms_norm_linear(hidden, residual, g, 1e-5, res_dtype, w, b);
+            const auto [normed, r2] = ops::add_rms_norm(hidden, residual, g, 1e-5, res_dtype);
+            const at::Tensor y2 = ops::small_batch_linear(normed, w, b);
+            ASSERT_EQ(y.sizes(), y2.sizes());
+            ASSERT_EQ(y.scalar_type(), dtype);
+            ASSERT_EQ(r.scalar_type(), r2.scalar_type());
+            EXPECT_TRUE(at::equal(r, r2));
+            EXPECT_TRUE(at::equal(y, y2)) << "max difference "
+                                          << (y.to(at::kDouble) - y2.to(at::kDouble)).abs().max().item<double>();
+          }
+        }
+      }
+    }
+  }
+  const auto opt = at::TensorOptions(kCuda).dtype(at::kBFloat16);
+  expect_error([&] { ops::add_rms_norm_linear(at::randn({1, 8}, opt), std::nullopt, at::ones({8}, opt), 1e-5,
+                                              std::nullopt, at::randn({4, 8}, opt).cpu()); },
+               {"add_rms_norm_linear", "'weight'", "cpu"});
+}
+// ---- add_rms_norm_linear (end) ---------------------------------------------------------------------
+
 }  // namespace

@@ -215,4 +215,36 @@ TEST(OpErrors, SmallBatchLinearNamesTheBadArgument) {
   expect_error([&] { ops::small_batch_linear(x.to(at::kInt), w.to(at::kInt)); }, {"'x'", "must be float32"});
 }
 
+// add_rms_norm_linear on the CPU: the two ops it fuses (the CUDA kernel is compared with them
+// bit for bit in test_cuda_ops), the norm checked against a float64 loop; bad arguments named.
+TEST(OpErrors, AddRmsNormLinearIsTheTwoOpsAndNamesTheBadArgument) {
+  at::manual_seed(11);
+  const at::Tensor h = at::randn({2, 6}), r = at::randn({2, 6}), g = at::rand({6}) + 0.5;
+  const at::Tensor w = at::randn({4, 6}), b = at::randn({4});
+  const auto [y, res] = ops::add_rms_norm_linear(h, r, g, 1e-5, at::kFloat, w, b);
+  const auto [normed, res2] = ops::add_rms_norm(h, r, g, 1e-5, at::kFloat);
+  EXPECT_TRUE(at::equal(res, res2));
+  EXPECT_TRUE(at::equal(y, at::linear(normed, w, b)));
+  const at::Tensor sd = (h + r).to(at::kDouble);
+  const at::Tensor ref_normed = sd * at::rsqrt(sd.square().mean(-1, true) + 1e-5) * g.to(at::kDouble);
+  EXPECT_TRUE(at::allclose(y.to(at::kDouble), at::linear(ref_normed, w.to(at::kDouble), b.to(at::kDouble)), 1e-5, 1e-5));
+  const auto [y0, res0] = ops::add_rms_norm_linear(h, std::nullopt, g, 1e-5, std::nullopt, w);  // first layer
+  EXPECT_TRUE(at::equal(res0, h));
+  EXPECT_TRUE(at::equal(y0, at::linear(std::get<0>(ops::add_rms_norm(h, std::nullopt, g, 1e-5)), w)));
+
+  expect_error([&] { ops::add_rms_norm_linear(h.view({2, 2, 3}), std::nullopt, g, 1e-5, std::nullopt, w); },
+               {"add_rms_norm_linear", "'hidden'", "[batch, C]", "[2, 2, 3]"});
+  expect_error([&] { ops::add_rms_norm_linear(h, r, g.narrow(0, 0, 5), 1e-5, std::nullopt, w); },
+               {"add_rms_norm_linear", "'norm_weight'", "[C]", "[6]", "[5]"});
+  expect_error([&] { ops::add_rms_norm_linear(h, r.narrow(1, 0, 5), g, 1e-5, std::nullopt, w); },
+               {"add_rms_norm_linear", "'residual'", "[2, 5]"});
+  expect_error([&] { ops::add_rms_norm_linear(h, r, g, 1e-5, std::nullopt, w.narrow(1, 0, 5)); },
+               {"add_rms_norm_linear", "'weight'", "[out_features, C] with C = 6", "[4, 5]"});
+  expect_error([&] { ops::add_rms_norm_linear(h, r, g, 1e-5, std::nullopt, w.to(at::kDouble)); },
+               {"add_rms_norm_linear", "'weight'", "dtype of 'norm_weight'", "Double"});
+  expect_error([&] { ops::add_rms_norm_linear(h, r, g, 1e-5, std::nullopt, w, b.narrow(0, 0, 3)); },
+               {"add_rms_norm_linear", "'bias'", "[out_features] = [4]", "[3]"});
+  expect_error([&] { ops::add_rms_norm_linear(h, r, g, 2.0, std::nullopt, w); }, {"add_rms_norm_linear", "'eps'"});
+}
+
 }  // namespace

@@ -32,6 +32,9 @@ __global__ void norm_rows_kernel(const NormRow a) {
   S* xs = reinterpret_cast<S*>(smem);  // [C]: the normalised row's inputs, in weight's dtype
   __shared__ S s_inv;
   const int64_t row = blockIdx.x, C = a.channels;
+  // Launched overlapped (a decode step's chain): every input may come from the previous kernel.
+  wait_for_previous_kernel();
+  allow_next_kernel();
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const int64_t o = a.offset(row, c);
     const S r = a.sum_at<S>(o);
@@ -370,8 +373,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& hidden, c
                 kMaxSharedBytes / elem, " channels in this dtype, got ", io.channels);
     const int threads = int(std::min<int64_t>(1024, (io.channels + 31) / 32 * 32));
     const size_t shared = io.channels * elem;
-    if (io.use_double) norm_rows_kernel<double><<<io.rows, threads, shared, current_stream()>>>(a);
-    else norm_rows_kernel<float><<<io.rows, threads, shared, current_stream()>>>(a);
+    if (io.use_double) launch_overlapped(norm_rows_kernel<double>, dim3(io.rows), dim3(threads), shared, current_stream(), a);
+    else launch_overlapped(norm_rows_kernel<float>, dim3(io.rows), dim3(threads), shared, current_stream(), a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {io.normed, io.residual_out};

@@ -11,7 +11,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -188,6 +190,64 @@ void opt_in_smem() {
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// ---- Overlapped launches: programmatic dependent launch (Hopper and later) ----------------------
+// A decode step is a chain of small kernels, each bound by its launch and its first trip to HBM.
+// A kernel started by launch_overlapped may begin while the kernel before it in the stream still
+// runs, as soon as that kernel's blocks have all called allow_next_kernel() (or exited). Until it
+// has called wait_for_previous_kernel() it must write nothing and read nothing it will use: it
+// may only warm L2 with the weights it will need (prefetch_l2_range), which is safe whatever still
+// runs (L2 is the GPU's point of coherence; no stale value can be kept). The wait returns once
+// every earlier kernel has finished and its writes are visible; each of our kernels calls it on
+// every path, so the ordering stays transitive along the chain. STATEMAMBA_OVERLAP=0 in the
+// environment launches them plainly (for A/B timing); so does a GPU older than sm_90.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Every 128-byte line of [p, p + bytes), threads tid = 0 .. nthreads-1 taking every nthreads-th.
+__device__ __forceinline__ void prefetch_l2_range(const void* p, int64_t bytes, int tid, int nthreads) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(127);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes);
+  for (uintptr_t a = first + uintptr_t(tid) * 128; a < end; a += uintptr_t(nthreads) * 128)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
+}
+
+inline bool overlapped_launches_enabled() {
+  static const bool wanted = [] {
+    const char* v = std::getenv("STATEMAMBA_OVERLAP");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> capable[kMaxDevices];  // 0 unknown, 1 yes, -1 no (threads agree on it)
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int8_t>& c = capable[dev % kMaxDevices];
+  if (c.load(std::memory_order_relaxed) == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    c.store(major >= 9 ? 1 : -1, std::memory_order_relaxed);
+  }
+  return wanted && c.load(std::memory_order_relaxed) == 1;
+}
+
+template <typename... Params, typename... Args>
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = stream;
+  config.attrs = &attribute, config.numAttrs = overlapped_launches_enabled() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 // Optional-tensor helpers for the host wrappers.
 inline at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {

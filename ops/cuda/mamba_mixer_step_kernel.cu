@@ -108,6 +108,16 @@ __global__ void __launch_bounds__(kThreads) conv_xproj_kernel(const MixerParams<
   const int tile = blockIdx.x, b0 = blockIdx.y * kRows, tid = threadIdx.x;
   const int d0 = tile * kTile, nd = min(kTile, p.dim - d0);
   const int J = p.rank + 2 * p.dstate;
+  // Launched overlapped: the tile's weights and conv states travel to L2 while in_proj still runs.
+  if (nd > 0) {
+    for (int j = tid; j < J; j += kThreads) prefetch_l2_range(p.x_proj_w + int64_t(j) * p.dim + d0, nd * int64_t(sizeof(T)), 0, 1);
+    prefetch_l2_range(p.conv_w + int64_t(d0) * p.width, int64_t(nd) * p.width * sizeof(P), tid, kThreads);
+    const int rows = min(kRows, p.batch - b0), Wm1 = p.width - 1;
+    for (int r = 0; r < rows; ++r)
+      prefetch_l2_range(p.conv_state + (int64_t(b0 + r) * p.dim + d0) * Wm1, int64_t(nd) * Wm1 * 4, tid, kThreads);
+  }
+  wait_for_previous_kernel();
+  allow_next_kernel();
   T w[kTasks][kChunk];
   auto fetch = [&](int round) {
 #pragma unroll
@@ -214,6 +224,16 @@ __global__ void __launch_bounds__(kThreads) ssm_kernel(const MixerParams<T, P> p
   const bool active = d_raw < p.dim, owns_states = active && n0 < N;
   const int d = active ? d_raw : 0;
   const int64_t row = int64_t(b) * p.dim + d;
+  // Launched overlapped: the block's dt_proj rows, A rows and states travel to L2 while the conv
+  // kernel still runs.
+  {
+    const int d_first = blockIdx.x * (kThreads / G), count = min(kThreads / G, p.dim - d_first);
+    prefetch_l2_range(p.dt_proj_w + int64_t(d_first) * R, int64_t(count) * R * sizeof(T), tid, kThreads);
+    prefetch_l2_range(p.A + int64_t(d_first) * N, int64_t(count) * N * sizeof(P), tid, kThreads);
+    prefetch_l2_range(p.ssm_state + (int64_t(b) * p.dim + d_first) * N, int64_t(count) * N * 4, tid, kThreads);
+  }
+  wait_for_previous_kernel();
+  allow_next_kernel();
   LaneInputs<T> in;
   if (kEarly) load_lane(in, p, b, d, g, active, owns_states);
   // x_dbl = the tiles' partials added in tile order, rounded to the model dtype (as x_proj's
@@ -303,20 +323,17 @@ void launch(const MixerStepDims& s, const at::Tensor& xz, const at::Tensor& conv
   const auto stream = current_stream();
   const dim3 conv_grid(p.conv_tiles, ceil_div(s.batch, rows)), ssm_grid(ceil_div(s.dim, kThreads / p.G), unsigned(s.batch));
   const size_t smem = sizeof(float) * size_t(s.rank + 2 * s.dstate);
+  const dim3 block(kThreads);
   if (latency_bound) {
-    conv_xproj_kernel<T, P, kNarrowTile, 1><<<conv_grid, kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ssm_kernel<T, P, true><<<ssm_grid, kThreads, smem, stream>>>(p);
+    launch_overlapped(conv_xproj_kernel<T, P, kNarrowTile, 1>, conv_grid, block, 0, stream, p);
+    launch_overlapped(ssm_kernel<T, P, true>, ssm_grid, block, smem, stream, p);
   } else if (rows == 1) {
-    conv_xproj_kernel<T, P, kWideTile, 1><<<conv_grid, kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ssm_kernel<T, P, true><<<ssm_grid, kThreads, smem, stream>>>(p);
+    launch_overlapped(conv_xproj_kernel<T, P, kWideTile, 1>, conv_grid, block, 0, stream, p);
+    launch_overlapped(ssm_kernel<T, P, true>, ssm_grid, block, smem, stream, p);
   } else {
-    conv_xproj_kernel<T, P, kWideTile, kRowsPerBlock><<<conv_grid, kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ssm_kernel<T, P, false><<<ssm_grid, kThreads, smem, stream>>>(p);
+    launch_overlapped(conv_xproj_kernel<T, P, kWideTile, kRowsPerBlock>, conv_grid, block, 0, stream, p);
+    launch_overlapped(ssm_kernel<T, P, false>, ssm_grid, block, smem, stream, p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor mamba_mixer_step_cuda(const at::Tensor& xz, const at::Tensor& conv_state, const at::Tensor& ssm_state,

@@ -263,7 +263,15 @@ def opcheck_cases():
         pytest.param(sm.selective_state_update.default, step, {}, id="selective_state_update"),
         pytest.param(sm.causal_conv1d_update.default, conv_step, {}, id="causal_conv1d_update"),
         pytest.param(sm.small_batch_linear.default, linear_args, {}, id="small_batch_linear"),
+        pytest.param(sm.add_rms_norm_linear.default, norm_linear_args(), {}, id="add_rms_norm_linear"),
     ]
+
+
+def norm_linear_args(dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(10)
+    hidden, residual, norm_weight, weight, bias = (
+        torch.randn(shape, generator=gen).to(dtype).to(device) for shape in [(2, 8), (2, 8), (8,), (5, 8), (5,)])
+    return (hidden, residual, norm_weight, 1e-5, torch.float32, weight, bias)
 
 
 @pytest.mark.parametrize("op,args,kwargs", opcheck_cases())
@@ -301,6 +309,10 @@ def test_meta_shapes(dtype):
     x, weight, bias = (torch.empty(shape, dtype=dtype, device="meta") for shape in [(3, 5), (4, 5), (4,)])
     y = sm.small_batch_linear(x, weight, bias)
     assert y.device.type == "meta" and y.shape == (3, 4) and y.dtype == dtype
+
+    y, residual = sm.add_rms_norm_linear(*map(to_meta, norm_linear_args(dtype)))
+    assert y.device.type == "meta" and y.shape == (2, 5) and y.dtype == dtype
+    assert residual.shape == (2, 8) and residual.dtype == torch.float32
 
 
 def test_small_batch_linear_is_linear():
