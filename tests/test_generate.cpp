@@ -499,8 +499,11 @@ TEST(Score, LogitsAndPerplexityMatchTheForwardAndANaiveSum) {
   }
   EXPECT_NEAR(one.nll, nll, 1e-4);
   EXPECT_NEAR(one.perplexity(), std::exp(nll / 32), 1e-4 * std::exp(nll / 32));
+  // Chunks of 5 multiply in float32 with other blockings than one pass of 33 (MKL's choice depends
+  // on L and on the processor): equal to rounding, relative to the logits' size.
   const ScoreResult chunked = score(model, ids, 5);
-  EXPECT_LE(max_diff(chunked.logits, one.logits), 1e-5);
+  const double scale = std::max(1.0, one.logits.abs().max().item<double>());
+  EXPECT_LE(max_diff(chunked.logits, one.logits), 1e-5 * scale) << "logits up to " << scale;
 
   // From a state: the document's continuation scores as the tail of the whole.
   const auto doc = random_ids(20, 51);
