@@ -311,6 +311,10 @@ at::Tensor MambaLMHeadModelImpl::logits(const at::Tensor& hidden) {
   if (hidden.dim() == 3 && hidden.size(1) > 1 && hidden.stride(1) == 1 &&
       !(at::GradMode::is_enabled() && W.requires_grad()))
     return at::bmm(hidden, W.t().unsqueeze(0).expand({hidden.size(0), W.size(1), W.size(0)}));
+  // A decode step's [batch, d] rows in inference: the GEMV kernel at batch 1-2 on CUDA (reads the
+  // head once), at::linear otherwise.
+  if (hidden.dim() == 2 && !(at::GradMode::is_enabled() && W.requires_grad()))
+    return ops::small_batch_linear(hidden, W, std::nullopt);
   return at::linear(hidden, W);
 }
 
@@ -322,8 +326,7 @@ at::Tensor MambaLMHeadModelImpl::forward(const at::Tensor& input_ids, MambaStack
 at::Tensor MambaLMHeadModelImpl::step(const at::Tensor& input_ids, MambaStackState& state, const OptionalMask& reset) {
   const auto hidden = backbone->step(input_ids, state, reset);
   torch::NoGradGuard no_grad;
-  // [batch, d] rows: the GEMV kernel at batch 1-2 on CUDA (reads the head once), at::linear otherwise.
-  return ops::small_batch_linear(hidden, lm_head ? lm_head->weight : backbone->embeddings->weight, std::nullopt);
+  return logits(hidden);
 }
 
 }  // namespace statemamba
