@@ -57,6 +57,12 @@ at::Tensor NormImpl::forward(const at::Tensor& x) {
   return y.to(x.scalar_type());
 }
 
+at::Tensor NormImpl::forward_sum(const at::Tensor& hidden, const at::Tensor& residual) {
+  if (rms) return std::get<0>(ops::add_rms_norm(hidden, maybe(residual), weight, eps));
+  const at::Tensor r = residual.defined() ? hidden + residual : hidden;
+  return forward(r.to(weight.scalar_type()));
+}
+
 // ---- Mamba (the mixer) -----------------------------------------------------------------------------
 
 MambaImpl::MambaImpl(MambaConfig options) : options(std::move(options)) { reset(); }
@@ -251,9 +257,7 @@ void MambaModelImpl::check_state(const MambaStackState& state, const at::Tensor&
 }
 
 at::Tensor MambaModelImpl::final_norm(const at::Tensor& hidden, const at::Tensor& residual) {
-  if (norm_f->rms) return std::get<0>(ops::add_rms_norm(hidden, maybe(residual), norm_f->weight, norm_f->eps));
-  const at::Tensor r = residual.defined() ? hidden + residual : hidden;
-  return norm_f->forward(r.to(norm_f->weight.scalar_type()));
+  return norm_f->forward_sum(hidden, residual);
 }
 
 at::Tensor MambaModelImpl::forward(const at::Tensor& input_ids, MambaStackState* state, const OptionalMask& reset) {

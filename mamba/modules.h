@@ -53,6 +53,9 @@ class NormImpl : public torch::nn::Cloneable<NormImpl> {
   NormImpl(int64_t dim, double eps, bool rms);
   void reset() override;
   at::Tensor forward(const at::Tensor& x);
+  // forward(hidden + residual) (residual may be undefined); RMSNorm as one fused op, equal to
+  // forward to rounding.
+  at::Tensor forward_sum(const at::Tensor& hidden, const at::Tensor& residual);
 
   int64_t dim;
   double eps;

@@ -4,6 +4,8 @@
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
+#include "rl/kernels.h"
+
 namespace statemamba::rl {
 
 at::Generator make_generator(at::Device device, uint64_t seed) {
@@ -30,10 +32,16 @@ void EpisodicEnv::start() {
   obs_ = make_obs();
 }
 
+at::Tensor EpisodicEnv::checked_actions(const at::Tensor& actions) const {
+  TORCH_CHECK(actions.defined() && actions.dim() == 1 && actions.size(0) == num_envs_, name(), ": actions must be [",
+              num_envs_, "], got ", actions.defined() ? actions.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!actions.is_floating_point() && !actions.is_complex(), name(), ": actions must be integers, got ",
+              actions.scalar_type());
+  return actions.to(device_, at::kLong).contiguous();
+}
+
 EnvStep EpisodicEnv::step(const at::Tensor& actions) {
-  TORCH_CHECK(actions.dim() == 1 && actions.size(0) == num_envs_, name(), ": actions must be [", num_envs_,
-              "], got ", actions.sizes());
-  const at::Tensor a = actions.to(device_, at::kLong);
+  const at::Tensor a = checked_actions(actions);
   const at::Tensor graded = graded_.clone();
   auto [reward, answered, correct] = grade(a);
   answered = answered & graded_;
@@ -90,6 +98,15 @@ DelayedMemoryEnv::DelayedMemoryEnv(int64_t num_envs, int64_t num_bits, int64_t d
 std::string DelayedMemoryEnv::name() const {
   return "memory(bits=" + std::to_string(num_bits_) + ", delay=" + std::to_string(delay_) +
          (distractors_ ? ", distractors" : "") + ")";
+}
+
+EnvStep DelayedMemoryEnv::step(const at::Tensor& actions) {
+  const at::Tensor a = checked_actions(actions);
+  // The draws of EpisodicEnv::step, in its order: new_episodes' fresh bits, then make_obs' noise.
+  const at::Tensor fresh = at::randint(2, {num_envs_, num_bits_}, gen_, float_opts());
+  const at::Tensor noise = distractors_ ? at::randint(2, {num_envs_, num_bits_}, gen_, float_opts()) : at::Tensor();
+  MemoryStepOut s = delayed_memory_step(phase_, graded_, bits_, obs_, a, fresh, noise, length_);
+  return {s.obs, s.reward, s.done, s.answered, s.correct, s.graded};
 }
 
 at::Tensor DelayedMemoryEnv::answer() const {

@@ -68,6 +68,8 @@ class EpisodicEnv : public Env {
   // environment's tensors) in place. EnvStep::obs is a fresh copy.
   at::Tensor observe() const override { return obs_; }
   at::Generator generator() const override { return gen_; }
+  // The generic step: grade, move on, new_episodes where episodes ended, make_obs. A task may
+  // override it with a fused one that must equal it (tests call EpisodicEnv::step as the reference).
   EnvStep step(const at::Tensor& actions) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
@@ -83,6 +85,9 @@ class EpisodicEnv : public Env {
   virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> grade(const at::Tensor& actions) = 0;
   // The task's own state tensors, by name, for save/load.
   virtual std::vector<std::pair<std::string, at::Tensor*>> task_tensors() = 0;
+
+  // actions as int64 on the environments' device; c10::Error unless [num_envs].
+  at::Tensor checked_actions(const at::Tensor& actions) const;
 
   // Call at the end of a derived constructor: staggers the phases and draws the first episodes.
   void start();
@@ -107,6 +112,8 @@ class DelayedMemoryEnv : public EpisodicEnv {
   std::string name() const override;
   int64_t obs_dim() const override { return num_bits_ + 2; }
   int64_t num_actions() const override { return int64_t{1} << num_bits_; }
+  // The whole step in one pass (rl/kernels.h), drawing the same random numbers as EpisodicEnv::step.
+  EnvStep step(const at::Tensor& actions) override;
 
   const at::Tensor& bits() const { return bits_; }  // float [N, k], 0/1
   at::Tensor answer() const;                         // int64 [N]: the action that scores

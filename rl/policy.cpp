@@ -202,7 +202,7 @@ std::pair<at::Tensor, at::Tensor> MambaPolicyImpl::step_inplace(const at::Tensor
   at::Tensor hidden = encoder->forward(obs), residual;
   for (int64_t i = 0; i < config.n_layer(); ++i)
     std::tie(hidden, residual) = blocks->ptr<MambaBlockImpl>(i)->step(hidden, residual, stack.layers[i]);
-  const at::Tensor features = norm_f->forward(hidden + residual);
+  const at::Tensor features = norm_f->forward_sum(hidden, residual);  // one kernel, not seven
   return {actor->forward(features), critic->forward(features).squeeze(-1)};
 }
 

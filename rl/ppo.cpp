@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <limits>
 
+#include "rl/kernels.h"
+
 #ifdef STATEMAMBA_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -19,8 +21,9 @@
 namespace statemamba::rl {
 
 at::Tensor sample_actions(const at::Tensor& logits, const at::Generator& gen) {
-  const at::Tensor u = at::rand(logits.sizes(), gen, logits.options());
-  return (logits - at::log(-at::log(u))).argmax(-1);  // u = 0 gives -inf: never chosen
+  TORCH_CHECK(logits.dim() == 2, "sample_actions: logits must be [N, A], got ", logits.sizes());
+  const at::Tensor u = at::rand({logits.size(0)}, gen, logits.options().dtype(at::kFloat));
+  return categorical_from_uniform(logits.to(at::kFloat).contiguous(), u);
 }
 
 // ---- GAE -------------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ struct Rollout {
   std::vector<RecurrentState> state0;    // per group: the state before step 0
 };
 
-// One action per row of logits [N, A], drawn from softmax(logits) by the Gumbel-max trick: no host
-// synchronisation, so a CUDA graph can capture it.
+// One action per row of logits [N, A], drawn from softmax(logits): one uniform per row, the CDF
+// inverted in one kernel (rl/kernels.h). No host synchronisation, so a CUDA graph can capture it.
 at::Tensor sample_actions(const at::Tensor& logits, const at::Generator& gen);
 
 // GAE(gamma, lambda) over a chunk; dones cut the bootstrap. Returns (advantages, returns), [T, N].

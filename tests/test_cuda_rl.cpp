@@ -13,6 +13,7 @@
 #include "rl/env.h"
 #include "rl/policy.h"
 #include "rl/throughput.h"
+#include "support/rl_kernel_checks.h"
 
 namespace rl = statemamba::rl;
 
@@ -68,4 +69,16 @@ TEST(CudaRlThroughput, GraphReplaysEqualEagerSteps) {
         }
       }
     }
+}
+
+// The rollout kernels (rl/kernels.h) on the GPU: the fused memory step against the torch-op step on
+// the same CUDA generator, and the categorical sampler against a float64 CDF inversion.
+TEST(CudaRlKernels, FusedMemoryStepEqualsTheGenericStep) {
+  SKIP_WITHOUT_CUDA();
+  statemamba::test::expect_fused_memory_step_equals_generic(torch::Device(torch::kCUDA));
+}
+
+TEST(CudaRlKernels, CategoricalSamplingInvertsTheCdf) {
+  SKIP_WITHOUT_CUDA();
+  statemamba::test::expect_categorical_inverts_the_cdf(torch::Device(torch::kCUDA));
 }

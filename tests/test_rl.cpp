@@ -12,7 +12,9 @@
 #include "rl/policy.h"
 #include "rl/ppo.h"
 #include "rl/throughput.h"
+#include "rl/kernels.h"
 #include "support/expect_error.h"
+#include "support/rl_kernel_checks.h"
 #include "support/tmpdir.h"
 
 namespace rl = statemamba::rl;
@@ -111,6 +113,26 @@ TEST(RlEnv, DelayedMemoryEpisodes) {
     }
   }
   EXPECT_GE(graded_answers, N);
+}
+
+TEST(RlEnv, FusedMemoryStepEqualsTheGenericStep) { statemamba::test::expect_fused_memory_step_equals_generic(torch::kCPU); }
+
+TEST(RlEnv, MemoryStepKernelNamesTheBadArgument) {
+  rl::DelayedMemoryEnv env(4, 2, 3, false, torch::kCPU, 0);
+  expect_error([&] { env.step(at::zeros({4}, at::kFloat)); }, {"actions must be integers", "Float"});
+  expect_error([&] { env.step(at::zeros({5}, at::kLong)); }, {"actions must be [4]", "[5]"});
+  at::Tensor phase = at::zeros({4}, at::kLong), graded = at::zeros({4}, at::kBool), bits = at::zeros({4, 2}),
+             obs = at::zeros({4, 4});
+  const at::Tensor actions = at::zeros({4}, at::kLong), fresh = at::zeros({4, 2});
+  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, obs, actions.to(at::kInt), fresh, {}, 5); },
+               {"delayed_memory_step", "actions must be Long", "Int"});
+  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, obs, actions, at::zeros({4, 3}), {}, 5); },
+               {"fresh must have shape [4, 2]", "[4, 3]"});
+  at::Tensor narrow_obs = at::zeros({4, 3});
+  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, narrow_obs, actions, fresh, {}, 5); },
+               {"obs must have shape [4, 4]", "[4, 3]"});
+  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, obs, actions, fresh, {}, 1); },
+               {"episode length must be at least 2", "got 1"});
 }
 
 TEST(RlEnv, DelayedMemoryDistractors) {
@@ -517,6 +539,24 @@ TEST(RlPolicy, GruChronoInitKeepsTheStateForLong) {
 }
 
 // ---- PPO -------------------------------------------------------------------------------------------
+
+TEST(RlPpo, CategoricalSamplingInvertsTheCdf) { statemamba::test::expect_categorical_inverts_the_cdf(torch::kCPU); }
+
+// 200k draws from fixed logits: Pearson's chi-square against softmax. The generator is seeded, so
+// the statistic is one fixed number; the bound is the 99.99th percentile of chi-square with 5
+// degrees of freedom (25.7), which a wrong distribution (e.g. off by 1% in one action) exceeds.
+TEST(RlPpo, SampleActionsFollowTheSoftmax) {
+  const at::Tensor row = at::tensor({1.5f, -0.5f, 0.0f, 2.0f, -3.0f, 0.7f});
+  const int64_t N = 200000;
+  const at::Tensor logits = row.expand({N, 6}).contiguous();
+  const at::Tensor actions = rl::sample_actions(logits, rl::make_generator(torch::kCPU, 9));
+  const at::Tensor counts = at::bincount(actions, {}, 6).to(at::kDouble);
+  const at::Tensor expected = at::softmax(row.to(at::kDouble), 0) * N;
+  const double chi2 = ((counts - expected).pow(2) / expected).sum().item<double>();
+  EXPECT_LT(chi2, 25.7) << "counts " << counts << " expected " << expected;
+  expect_error([&] { rl::categorical_from_uniform(logits, at::zeros({N - 1})); }, {"u must have shape", "[199999]"});
+  expect_error([&] { rl::sample_actions(row, rl::make_generator(torch::kCPU, 9)); }, {"logits must be [N, A]", "[6]"});
+}
 
 TEST(RlPpo, GaeMatchesHandComputation) {
   const double g = 0.9, l = 0.8;
