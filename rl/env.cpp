@@ -27,6 +27,7 @@ at::TensorOptions EpisodicEnv::long_opts() const { return at::TensorOptions(devi
 void EpisodicEnv::start() {
   // A random point of the first episode, so that boundaries do not line up across environments.
   phase_ = at::randint(length_, {num_envs_}, gen_, long_opts());
+  lengths_ = at::full({num_envs_}, length_, long_opts());
   graded_ = at::zeros({num_envs_}, at::TensorOptions(device_).dtype(at::kBool));
   new_episodes(at::Tensor());
   obs_ = make_obs();
@@ -49,8 +50,9 @@ EnvStep EpisodicEnv::step(const at::Tensor& actions) {
   // In place: the tensors stay where they are, so a CUDA graph that captured a step replays it on
   // the current values (a step must not hand out or keep tensors that the next one overwrites).
   const at::Tensor next_phase = phase_ + 1;
-  const at::Tensor done = next_phase == length_;
+  const at::Tensor done = next_phase == lengths_;
   phase_.copy_(next_phase.masked_fill(done, 0));
+  lengths_.masked_fill_(done, length_);
   graded_.copy_(graded_ | done);
   new_episodes(done);
   const at::Tensor obs = make_obs();
@@ -60,6 +62,8 @@ EnvStep EpisodicEnv::step(const at::Tensor& actions) {
 
 void EpisodicEnv::save(torch::serialize::OutputArchive& archive) const {
   archive.write("phase", phase_);
+  archive.write("lengths", lengths_);
+  archive.write("length", at::tensor(length_));
   archive.write("graded", graded_);
   archive.write("obs", obs_);
   archive.write("generator", gen_.get_state());
@@ -76,6 +80,10 @@ void EpisodicEnv::load(torch::serialize::InputArchive& archive) {
     else into = t.to(device_);
   };
   read("phase", phase_);
+  read("lengths", lengths_);
+  at::Tensor length;
+  archive.read("length", length);
+  length_ = length.item<int64_t>();
   read("graded", graded_);
   read("obs", obs_);
   for (auto& [key, tensor] : task_tensors()) read(key, *tensor);
@@ -87,8 +95,13 @@ void EpisodicEnv::load(torch::serialize::InputArchive& archive) {
 // ---- DelayedMemoryEnv ----------------------------------------------------------------------------
 
 DelayedMemoryEnv::DelayedMemoryEnv(int64_t num_envs, int64_t num_bits, int64_t delay, bool distractors,
-                                   at::Device device, uint64_t seed)
-    : EpisodicEnv(num_envs, delay + 2, device, seed), num_bits_(num_bits), delay_(delay), distractors_(distractors) {
+                                   at::Device device, uint64_t seed, int64_t start_delay)
+    : EpisodicEnv(num_envs, (start_delay >= 0 ? start_delay : delay) + 2, device, seed),
+      num_bits_(num_bits),
+      task_delay_(delay),
+      distractors_(distractors) {
+  TORCH_CHECK(start_delay <= delay, "memory env: the curriculum's first delay (", start_delay,
+              ") must not exceed the task's (", delay, ")");
   // 2^k actions must stay a sane number of logits.
   TORCH_CHECK(num_bits >= 1 && num_bits <= 12, "memory env: num_bits must be in [1, 12], got ", num_bits);
   TORCH_CHECK(delay >= 0, "memory env: horizon (the delay) must be at least 0, got ", delay);
@@ -96,7 +109,7 @@ DelayedMemoryEnv::DelayedMemoryEnv(int64_t num_envs, int64_t num_bits, int64_t d
 }
 
 std::string DelayedMemoryEnv::name() const {
-  return "memory(bits=" + std::to_string(num_bits_) + ", delay=" + std::to_string(delay_) +
+  return "memory(bits=" + std::to_string(num_bits_) + ", delay=" + std::to_string(task_delay_) +
          (distractors_ ? ", distractors" : "") + ")";
 }
 
@@ -105,8 +118,14 @@ EnvStep DelayedMemoryEnv::step(const at::Tensor& actions) {
   // The draws of EpisodicEnv::step, in its order: new_episodes' fresh bits, then make_obs' noise.
   const at::Tensor fresh = at::randint(2, {num_envs_, num_bits_}, gen_, float_opts());
   const at::Tensor noise = distractors_ ? at::randint(2, {num_envs_, num_bits_}, gen_, float_opts()) : at::Tensor();
-  MemoryStepOut s = delayed_memory_step(phase_, graded_, bits_, obs_, a, fresh, noise, length_);
+  MemoryStepOut s = delayed_memory_step(phase_, lengths_, graded_, bits_, obs_, a, fresh, noise, length_);
   return {s.obs, s.reward, s.done, s.answered, s.correct, s.graded};
+}
+
+void DelayedMemoryEnv::set_delay(int64_t delay) {
+  TORCH_CHECK(delay >= 0 && delay <= task_delay_, "memory env: the delay must be in [0, ", task_delay_,
+              "] (the task's), got ", delay);
+  length_ = delay + 2;
 }
 
 at::Tensor DelayedMemoryEnv::answer() const {
@@ -121,7 +140,7 @@ void DelayedMemoryEnv::new_episodes(const at::Tensor& mask) {
 }
 
 at::Tensor DelayedMemoryEnv::make_obs() {
-  const auto first = (phase_ == 0).unsqueeze(1), query = (phase_ == length_ - 1).unsqueeze(1);
+  const auto first = (phase_ == 0).unsqueeze(1), query = (phase_ == lengths_ - 1).unsqueeze(1);
   at::Tensor signal = at::where(first, 2 * bits_ - 1, at::zeros_like(bits_));
   if (distractors_) {
     const auto noise = 2 * at::randint(2, {num_envs_, num_bits_}, gen_, float_opts()) - 1;
@@ -131,7 +150,7 @@ at::Tensor DelayedMemoryEnv::make_obs() {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> DelayedMemoryEnv::grade(const at::Tensor& actions) {
-  const auto answered = phase_ == length_ - 1;
+  const auto answered = phase_ == lengths_ - 1;
   const auto correct = answered & (actions == answer());
   return {correct.to(at::kFloat), answered, correct};
 }
@@ -173,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> RepeatPreviousEnv::grade(const at
 // ---- factory ---------------------------------------------------------------------------------------
 
 std::unique_ptr<Env> make_env(const EnvOptions& o, at::Device device, uint64_t seed) {
-  if (o.task == "memory") return std::make_unique<DelayedMemoryEnv>(o.num_envs, o.num_bits, o.horizon, o.distractors, device, seed);
+  if (o.task == "memory")
+    return std::make_unique<DelayedMemoryEnv>(o.num_envs, o.num_bits, o.horizon, o.distractors, device, seed,
+                                              o.curriculum_start);
   if (o.task == "repeat-previous")
     return std::make_unique<RepeatPreviousEnv>(o.num_envs, o.cards, o.horizon, o.length > 0 ? o.length : o.horizon + 32,
                                                device, seed);

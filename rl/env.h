@@ -41,6 +41,7 @@ class Env {
   virtual int64_t num_envs() const = 0;
   virtual int64_t obs_dim() const = 0;
   virtual int64_t num_actions() const = 0;
+  // The length of episodes that start from now on (a curriculum may change it between steps).
   virtual int64_t episode_length() const = 0;
   virtual at::Device device() const = 0;
   // The current observation [N, obs_dim] (what the last step or the start produced).
@@ -74,7 +75,8 @@ class EpisodicEnv : public Env {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
-  const at::Tensor& phase() const { return phase_; }  // int64 [N], in [0, length)
+  const at::Tensor& phase() const { return phase_; }      // int64 [N], in [0, lengths[n])
+  const at::Tensor& lengths() const { return lengths_; }  // int64 [N]: each current episode's length
 
  protected:
   // Draws fresh content for the environments in `mask` (bool [N]); all of them when undefined.
@@ -95,10 +97,11 @@ class EpisodicEnv : public Env {
   at::TensorOptions float_opts() const;
   at::TensorOptions long_opts() const;
 
-  int64_t num_envs_, length_;
+  int64_t num_envs_, length_;  // length_: of the episodes that start next
   at::Device device_;
   at::Generator gen_;
-  at::Tensor phase_;   // int64 [N]
+  at::Tensor phase_;    // int64 [N]
+  at::Tensor lengths_;  // int64 [N]: the length each environment's current episode was given at its start
   at::Tensor graded_;  // bool [N]: this environment's episode began in view (not the first, partial one)
   at::Tensor obs_;     // float [N, obs_dim]: the current observation
 };
@@ -107,13 +110,20 @@ class DelayedMemoryEnv : public EpisodicEnv {
  public:
   // obs: k bit channels (+-1 at the first step, distractor noise +-1 in the delay if distractors,
   // else 0), a start flag, a query flag.
+  // start_delay >= 0: a horizon curriculum's first stage (episodes begin with that delay until
+  // set_delay moves them on); the task, and name(), stay those of `delay`.
   DelayedMemoryEnv(int64_t num_envs, int64_t num_bits, int64_t delay, bool distractors, at::Device device,
-                   uint64_t seed);
+                   uint64_t seed, int64_t start_delay = -1);
   std::string name() const override;
   int64_t obs_dim() const override { return num_bits_ + 2; }
   int64_t num_actions() const override { return int64_t{1} << num_bits_; }
   // The whole step in one pass (rl/kernels.h), drawing the same random numbers as EpisodicEnv::step.
   EnvStep step(const at::Tensor& actions) override;
+  // A horizon curriculum's knob: episodes that start from now on have this delay (at most the
+  // task's); those under way keep theirs. Saved with the environment.
+  void set_delay(int64_t delay);
+  int64_t delay() const { return length_ - 2; }  // of episodes that start now
+  int64_t task_delay() const { return task_delay_; }
 
   const at::Tensor& bits() const { return bits_; }  // float [N, k], 0/1
   at::Tensor answer() const;                         // int64 [N]: the action that scores
@@ -125,7 +135,7 @@ class DelayedMemoryEnv : public EpisodicEnv {
   std::vector<std::pair<std::string, at::Tensor*>> task_tensors() override { return {{"bits", &bits_}}; }
 
  private:
-  int64_t num_bits_, delay_;
+  int64_t num_bits_, task_delay_;
   bool distractors_;
   at::Tensor bits_;
 };
@@ -158,6 +168,7 @@ struct EnvOptions {
   int64_t num_bits = 2;         // memory
   int64_t horizon = 16;         // memory: the delay; repeat-previous: the lag
   bool distractors = false;     // memory
+  int64_t curriculum_start = -1;  // memory: the first delay of a horizon curriculum (-1: none)
   int64_t cards = 4;            // repeat-previous
   int64_t length = 0;           // repeat-previous: episode length (0: 4 * lag + 8)
 };

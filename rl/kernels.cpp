@@ -16,9 +16,9 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntA
 }
 }  // namespace
 
-MemoryStepOut delayed_memory_step(at::Tensor& phase, at::Tensor& graded, at::Tensor& bits, at::Tensor& obs,
+MemoryStepOut delayed_memory_step(at::Tensor& phase, at::Tensor& lengths, at::Tensor& graded, at::Tensor& bits, at::Tensor& obs,
                                   const at::Tensor& actions, const at::Tensor& fresh, const at::Tensor& noise,
-                                  int64_t length) {
+                                  int64_t next_length) {
   constexpr const char* op = "delayed_memory_step";
   TORCH_CHECK(phase.defined() && phase.dim() == 1, op, ": phase must be [N], got ",
               phase.defined() ? phase.sizes() : at::IntArrayRef{});
@@ -26,24 +26,25 @@ MemoryStepOut delayed_memory_step(at::Tensor& phase, at::Tensor& graded, at::Ten
   const int64_t n = phase.size(0), k = bits.size(1);
   const at::Device device = phase.device();
   check(phase, "phase", at::kLong, {n}, device, op);
+  check(lengths, "lengths", at::kLong, {n}, device, op);
   check(graded, "graded", at::kBool, {n}, device, op);
   check(bits, "bits", at::kFloat, {n, k}, device, op);
   check(obs, "obs", at::kFloat, {n, k + 2}, device, op);
   check(actions, "actions", at::kLong, {n}, device, op);
   check(fresh, "fresh", at::kFloat, {n, k}, device, op);
   if (noise.defined()) check(noise, "noise", at::kFloat, {n, k}, device, op);
-  TORCH_CHECK(length >= 2, op, ": the episode length must be at least 2, got ", length);
+  TORCH_CHECK(next_length >= 2, op, ": the episode length must be at least 2, got ", next_length);
   TORCH_CHECK(k >= 1 && k <= 30, op, ": k (bits) must be in [1, 30], got ", k);
 
   const auto bool_opts = phase.options().dtype(at::kBool);
   MemoryStepOut out{at::empty_like(obs), at::empty({n}, obs.options()), at::empty({n}, bool_opts),
                     at::empty({n}, bool_opts), at::empty({n}, bool_opts), at::empty({n}, bool_opts)};
   if (device.is_cpu()) {
-    detail::delayed_memory_step_cpu(phase, graded, bits, obs, actions, fresh, noise, length, out);
+    detail::delayed_memory_step_cpu(phase, lengths, graded, bits, obs, actions, fresh, noise, next_length, out);
   } else {
 #ifdef STATEMAMBA_WITH_CUDA
     TORCH_CHECK(device.is_cuda(), op, ": tensors must be on the CPU or a CUDA device, got ", device);
-    detail::delayed_memory_step_cuda(phase, graded, bits, obs, actions, fresh, noise, length, out);
+    detail::delayed_memory_step_cuda(phase, lengths, graded, bits, obs, actions, fresh, noise, next_length, out);
 #else
     TORCH_CHECK(false, op, ": tensors on ", device, " need a build with CUDA");
 #endif

@@ -17,6 +17,7 @@ namespace statemamba::rl::detail {
 
 struct MemoryStepPointers {
   int64_t* phase;
+  int64_t* lengths;
   bool* graded;
   float* bits;  // [N, k]
   float* obs;   // [N, k + 2]
@@ -28,18 +29,27 @@ struct MemoryStepPointers {
   bool *done, *answered, *correct, *graded_out;
 };
 
-inline MemoryStepPointers memory_step_pointers(at::Tensor& phase, at::Tensor& graded, at::Tensor& bits, at::Tensor& obs,
-                                               const at::Tensor& actions, const at::Tensor& fresh,
-                                               const at::Tensor& noise, MemoryStepOut& out) {
-  return {phase.data_ptr<int64_t>(),  graded.data_ptr<bool>(),       bits.data_ptr<float>(),
-          obs.data_ptr<float>(),      actions.data_ptr<int64_t>(),   fresh.data_ptr<float>(),
-          noise.defined() ? noise.data_ptr<float>() : nullptr,       out.obs.data_ptr<float>(),
-          out.reward.data_ptr<float>(), out.done.data_ptr<bool>(),   out.answered.data_ptr<bool>(),
-          out.correct.data_ptr<bool>(), out.graded.data_ptr<bool>()};
+inline MemoryStepPointers memory_step_pointers(at::Tensor& phase, at::Tensor& lengths, at::Tensor& graded,
+                                               at::Tensor& bits, at::Tensor& obs, const at::Tensor& actions,
+                                               const at::Tensor& fresh, const at::Tensor& noise, MemoryStepOut& out) {
+  return {phase.data_ptr<int64_t>(),
+          lengths.data_ptr<int64_t>(),
+          graded.data_ptr<bool>(),
+          bits.data_ptr<float>(),
+          obs.data_ptr<float>(),
+          actions.data_ptr<int64_t>(),
+          fresh.data_ptr<float>(),
+          noise.defined() ? noise.data_ptr<float>() : nullptr,
+          out.obs.data_ptr<float>(),
+          out.reward.data_ptr<float>(),
+          out.done.data_ptr<bool>(),
+          out.answered.data_ptr<bool>(),
+          out.correct.data_ptr<bool>(),
+          out.graded.data_ptr<bool>()};
 }
 
-STATEMAMBA_HOST_DEVICE inline void memory_step_row(const MemoryStepPointers& p, int64_t n, int64_t k, int64_t length) {
-  const int64_t phase = p.phase[n];
+STATEMAMBA_HOST_DEVICE inline void memory_step_row(const MemoryStepPointers& p, int64_t n, int64_t k, int64_t next_length) {
+  const int64_t phase = p.phase[n], length = p.lengths[n];
   const bool was_graded = p.graded[n];
   float* bits = p.bits + n * k;
   // Grade the action taken at the current phase: only the query step's, against sum_i bit_i 2^i.
@@ -57,12 +67,13 @@ STATEMAMBA_HOST_DEVICE inline void memory_step_row(const MemoryStepPointers& p, 
   const bool ends = phase + 1 == length;
   const int64_t next = ends ? 0 : phase + 1;
   p.phase[n] = next;
+  if (ends) p.lengths[n] = next_length;
   p.graded[n] = was_graded || ends;
   p.done[n] = ends;
   if (ends)
     for (int64_t i = 0; i < k; ++i) bits[i] = p.fresh[n * k + i];
   // Observe: the bits as +-1 at the first step, nothing (or the noise) in the delay, then flags.
-  const bool first = next == 0, ask = next == length - 1;
+  const bool first = next == 0, ask = next == p.lengths[n] - 1;
   float* obs = p.obs + n * (k + 2);
   float* obs_out = p.obs_out + n * (k + 2);
   for (int64_t i = 0; i < k; ++i) {

@@ -7,6 +7,7 @@
 #include <torch/serialize/archive.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -44,7 +45,8 @@ std::pair<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tenso
 
 // ---- EpisodeStats ----------------------------------------------------------------------------------
 
-EpisodeStats::EpisodeStats(int64_t num_envs, int64_t window) : window_(window), running_(num_envs, 0.0) {
+EpisodeStats::EpisodeStats(int64_t num_envs, int64_t window)
+    : window_(window), running_(num_envs, 0.0), counts_(num_envs, 1.0) {
   TORCH_CHECK(window >= 1, "accuracy window must be at least 1, got ", window);
 }
 
@@ -60,11 +62,13 @@ void EpisodeStats::add(const Rollout& r) {
   };
   for (int64_t t = 0; t < answered.size(0); ++t)
     for (int64_t n = 0; n < answered.size(1); ++n) {
-      if (ans[t][n]) push(correct_, cor[t][n] ? 1.0 : 0.0), ++total_answers_;
+      const bool counts = counts_[n] > 0;
+      if (ans[t][n] && counts) push(correct_, cor[t][n] ? 1.0 : 0.0), ++total_answers_;
       running_[n] += rew[t][n];
       if (don[t][n]) {
-        if (gra[t][n]) push(returns_, running_[n]), ++total_episodes_;
+        if (gra[t][n] && counts) push(returns_, running_[n]), ++total_episodes_;
         running_[n] = 0;
+        counts_[n] = 1;
       }
     }
 }
@@ -84,12 +88,17 @@ std::vector<double> to_vector(const at::Tensor& t) {
 }  // namespace
 
 double EpisodeStats::accuracy() const { return mean(correct_); }
+void EpisodeStats::restart() {
+  correct_.clear(), returns_.clear();
+  std::fill(counts_.begin(), counts_.end(), 0.0);
+}
 double EpisodeStats::mean_return() const { return mean(returns_); }
 
 void EpisodeStats::save(torch::serialize::OutputArchive& archive) const {
   archive.write("correct", to_tensor(correct_));
   archive.write("returns", to_tensor(returns_));
   archive.write("running", at::tensor(running_, at::kDouble));
+  archive.write("counts", at::tensor(counts_, at::kDouble));
   archive.write("totals", at::tensor(std::vector<int64_t>{total_answers_, total_episodes_}, at::kLong));
 }
 
@@ -99,12 +108,15 @@ void EpisodeStats::load(torch::serialize::InputArchive& archive) {
   archive.read("returns", returns);
   archive.read("running", running);
   archive.read("totals", totals);
+  at::Tensor counts;
+  archive.read("counts", counts);
   TORCH_CHECK(running.numel() == static_cast<int64_t>(running_.size()), "checkpoint: statistics for ",
               running.numel(), " environments, this run has ", running_.size());
   const auto c = to_vector(correct), r = to_vector(returns);
   correct_.assign(c.begin(), c.end());
   returns_.assign(r.begin(), r.end());
   running_ = to_vector(running);
+  counts_ = to_vector(counts);
   totals = totals.cpu();
   total_answers_ = totals[0].item<int64_t>();
   total_episodes_ = totals[1].item<int64_t>();
@@ -128,7 +140,9 @@ std::vector<std::pair<std::string, double>> UpdateStats::fields() const {
           {"first_ratio_dev", first_ratio_dev},
           {"seconds", seconds},
           {"steps_per_second", steps_per_second},
-          {"rollout_seconds", rollout_seconds}};
+          {"rollout_seconds", rollout_seconds},
+          {"window_answers", double(window_answers)},
+          {"episode_length", double(episode_length)}};
 }
 
 UpdateStats UpdateStats::from_fields(const std::vector<double>& v) {
@@ -138,6 +152,7 @@ UpdateStats UpdateStats::from_fields(const std::vector<double>& v) {
   s.answers = int64_t(v[4]), s.episodes = int64_t(v[5]), s.policy_loss = v[6], s.value_loss = v[7];
   s.entropy = v[8], s.approx_kl = v[9], s.clip_frac = v[10], s.grad_norm = v[11], s.first_ratio_dev = v[12];
   s.seconds = v[13], s.steps_per_second = v[14], s.rollout_seconds = v[15];
+  s.window_answers = int64_t(v[16]), s.episode_length = int64_t(v[17]);
   return s;
 }
 
@@ -304,7 +319,9 @@ UpdateStats PPOTrainer::update() {
   s.accuracy = stats_.accuracy();
   s.mean_return = stats_.mean_return();
   s.answers = stats_.answers();
+  s.window_answers = stats_.window_answers();
   s.episodes = stats_.episodes();
+  s.episode_length = env_->episode_length();
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   s.steps_per_second = static_cast<double>(options_.rollout_len * env_->num_envs()) / s.seconds;
   history_.push_back(s);

@@ -81,6 +81,10 @@ class EpisodeStats {
   double accuracy() const;     // NaN until something was graded
   double mean_return() const;  // NaN until an episode finished
   int64_t answers() const { return total_answers_; }
+  int64_t window_answers() const { return static_cast<int64_t>(correct_.size()); }  // what accuracy() is over
+  // Empties the windows (totals stay): accuracy then measures only episodes that start after this,
+  // e.g. once a curriculum made the task harder (episodes under way are still the easier ones).
+  void restart();
   int64_t episodes() const { return total_episodes_; }
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
@@ -89,6 +93,7 @@ class EpisodeStats {
   int64_t window_, total_answers_ = 0, total_episodes_ = 0;
   std::deque<double> correct_, returns_;  // the most recent window of each
   std::vector<double> running_;           // the return so far of each environment's episode
+  std::vector<double> counts_;            // 1: each environment's current episode counts (began after restart)
 };
 
 struct UpdateStats {
@@ -96,6 +101,8 @@ struct UpdateStats {
   int64_t env_steps = 0;    // total so far
   double accuracy = 0, mean_return = 0;
   int64_t answers = 0, episodes = 0;  // totals so far
+  int64_t window_answers = 0;         // the answers `accuracy` is over (at most the window)
+  int64_t episode_length = 0;         // of the episodes starting after this update (a curriculum's stage)
   double policy_loss = 0, value_loss = 0, entropy = 0, approx_kl = 0, clip_frac = 0, grad_norm = 0;
   double first_ratio_dev = 0;  // max |ratio - 1| of the first minibatch before its gradient step
   double seconds = 0, steps_per_second = 0;
@@ -121,6 +128,8 @@ class PPOTrainer {
   // generators, statistics, the chunks the gradient carries into, the history of UpdateStats.
   void save(const std::string& path) const;
   void load(const std::string& path);
+  // Accuracy and returns from here on only (EpisodeStats::restart).
+  void restart_statistics() { stats_.restart(); }
 
   Env& env() { return *env_; }
   RecurrentPolicy& policy() { return policy_; }

@@ -121,18 +121,24 @@ TEST(RlEnv, MemoryStepKernelNamesTheBadArgument) {
   rl::DelayedMemoryEnv env(4, 2, 3, false, torch::kCPU, 0);
   expect_error([&] { env.step(at::zeros({4}, at::kFloat)); }, {"actions must be integers", "Float"});
   expect_error([&] { env.step(at::zeros({5}, at::kLong)); }, {"actions must be [4]", "[5]"});
-  at::Tensor phase = at::zeros({4}, at::kLong), graded = at::zeros({4}, at::kBool), bits = at::zeros({4, 2}),
+  at::Tensor phase = at::zeros({4}, at::kLong), lengths = at::full({4}, 5, at::kLong), graded = at::zeros({4}, at::kBool), bits = at::zeros({4, 2}),
              obs = at::zeros({4, 4});
   const at::Tensor actions = at::zeros({4}, at::kLong), fresh = at::zeros({4, 2});
-  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, obs, actions.to(at::kInt), fresh, {}, 5); },
+  expect_error([&] { rl::delayed_memory_step(phase, lengths, graded, bits, obs, actions.to(at::kInt), fresh, {}, 5); },
                {"delayed_memory_step", "actions must be Long", "Int"});
-  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, obs, actions, at::zeros({4, 3}), {}, 5); },
+  expect_error([&] { rl::delayed_memory_step(phase, lengths, graded, bits, obs, actions, at::zeros({4, 3}), {}, 5); },
                {"fresh must have shape [4, 2]", "[4, 3]"});
   at::Tensor narrow_obs = at::zeros({4, 3});
-  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, narrow_obs, actions, fresh, {}, 5); },
+  expect_error([&] { rl::delayed_memory_step(phase, lengths, graded, bits, narrow_obs, actions, fresh, {}, 5); },
                {"obs must have shape [4, 4]", "[4, 3]"});
-  expect_error([&] { rl::delayed_memory_step(phase, graded, bits, obs, actions, fresh, {}, 1); },
+  expect_error([&] { rl::delayed_memory_step(phase, lengths, graded, bits, obs, actions, fresh, {}, 1); },
                {"episode length must be at least 2", "got 1"});
+  at::Tensor int_lengths = lengths.to(at::kInt);
+  expect_error([&] { rl::delayed_memory_step(phase, int_lengths, graded, bits, obs, actions, fresh, {}, 5); },
+               {"lengths must be Long", "Int"});
+  expect_error([&] { env.set_delay(-1); }, {"delay must be in [0, 3]", "-1"});
+  expect_error([&] { env.set_delay(4); }, {"delay must be in [0, 3] (the task's)", "got 4"});
+  expect_error([&] { rl::DelayedMemoryEnv(4, 2, 3, false, torch::kCPU, 0, 5); }, {"first delay (5)", "the task's (3)"});
 }
 
 TEST(RlEnv, DelayedMemoryDistractors) {

@@ -55,11 +55,14 @@ struct Config {
   double stop_at = 0, time_limit = 0;
   bool cuda_graph = false, decode_step = false;
   bool gru_memory_auto = false;  // --gru-memory auto: twice each run's episode length
+  int64_t curriculum_start = 0;  // 0: off
+  double curriculum_factor = 2, curriculum_threshold = 0.9;
 };
 
 struct RunResult {
   std::string name, controller;
   int64_t horizon;
+  int64_t episode_length;  // of the task asked for (a curriculum's last stage)
   std::vector<rl::UpdateStats> history;
   bool interrupted = false;
 };
@@ -160,6 +163,12 @@ cxxopts::Options make_cli() {
        cxxopts::value<std::string>()->default_value("memory"))
       ("num-bits", "memory: bits to remember (2^k actions)", cxxopts::value<int64_t>()->default_value("2"))
       ("distractors", "memory: random noise on the bit channels during the delay")
+      ("curriculum", "memory: a horizon curriculum starting at this delay (0: off). Whenever the accuracy over a "
+       "full window of answers at the current delay reaches --curriculum-threshold, the delay of new episodes grows "
+       "by --curriculum-factor, up to the run's horizon; statistics restart at each stage, and --stop-at, the best "
+       "accuracy and the table count only the last stage", cxxopts::value<int64_t>()->default_value("0"))
+      ("curriculum-factor", "memory: how much the curriculum's delay grows per stage", cxxopts::value<double>()->default_value("2"))
+      ("curriculum-threshold", "memory: the accuracy that moves the curriculum on", cxxopts::value<double>()->default_value("0.9"))
       ("cards", "repeat-previous: distinct cards", cxxopts::value<int64_t>()->default_value("4"))
       ("episode-length", "repeat-previous: steps per episode (0: lag + 32)", cxxopts::value<int64_t>()->default_value("0"))
       ("num-envs", "environments stepped together", cxxopts::value<int64_t>()->default_value("64"));
@@ -239,6 +248,13 @@ Config parse(const cxxopts::ParseResult& args) {
   c.env.num_bits = positive("num-bits");
   if (c.env.num_bits > 12) usage_error("--num-bits must be at most 12 (2^k actions), got " + std::to_string(c.env.num_bits));
   c.env.distractors = args.count("distractors") > 0;
+  c.curriculum_start = args["curriculum"].as<int64_t>();
+  if (c.curriculum_start < 0) usage_error("--curriculum must be 0 (off) or a starting delay, got " + std::to_string(c.curriculum_start));
+  if (c.curriculum_start > 0 && c.env.task != "memory")
+    usage_error("--curriculum is for --task memory, got --task " + c.env.task);
+  c.curriculum_factor = args["curriculum-factor"].as<double>();
+  if (!(c.curriculum_factor > 1 && c.curriculum_factor <= 1000))
+    usage_error("--curriculum-factor must be in (1, 1000], got " + std::to_string(c.curriculum_factor));
   c.env.cards = args["cards"].as<int64_t>();
   if (c.env.cards < 2) usage_error("--cards must be at least 2, got " + std::to_string(c.env.cards));
   c.env.length = args["episode-length"].as<int64_t>();
@@ -292,6 +308,7 @@ Config parse(const cxxopts::ParseResult& args) {
 
   c.throughput_steps = positive("throughput-steps");
   c.stop_at = in_range("stop-at", 0, 1);
+  c.curriculum_threshold = in_range("curriculum-threshold", 0, 1);
   c.time_limit = in_range("time-limit", 0, 1e9);
   c.cuda_graph = args.count("cuda-graph") > 0;
   c.decode_step = args.count("decode-step") > 0;
@@ -328,6 +345,9 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"horizon", horizon},
           {"num_bits", c.env.num_bits},
           {"distractors", c.env.distractors},
+          {"curriculum", c.curriculum_start > 0 ? json{{"start", c.curriculum_start}, {"factor", c.curriculum_factor},
+                                                        {"threshold", c.curriculum_threshold}}
+                                                  : json(nullptr)},
           {"num_envs", c.env.num_envs},
           {"width", c.policy.width},
           {"layers", c.policy.layers},
@@ -361,14 +381,14 @@ class Progress {
  public:
   Progress(std::string name, int64_t total) : name_(std::move(name)), total_(total), tty_(::isatty(STDOUT_FILENO)) {}
 
-  void show(const rl::UpdateStats& s, double seconds_per_update) {
+  void show(const rl::UpdateStats& s, double seconds_per_update, const std::string& stage = "") {
     const int64_t every = std::max<int64_t>(1, total_ / 20);
     if (!tty_ && s.update % every != 0 && s.update != total_) return;
     constexpr int kBar = 24;
     const int filled = static_cast<int>(kBar * s.update / total_);
     std::ostringstream line;
     line << name_ << " [" << std::string(filled, '#') << std::string(kBar - filled, '.') << "] " << s.update << "/"
-         << total_ << "  acc " << fixed(s.accuracy, 3) << "  return " << fixed(s.mean_return, 3) << "  "
+         << total_ << stage << "  acc " << fixed(s.accuracy, 3) << "  return " << fixed(s.mean_return, 3) << "  "
          << rate(s.steps_per_second) << " env-steps/s  ETA " << duration(seconds_per_update * (total_ - s.update));
     if (tty_) std::cout << "\r" << line.str() << "\033[K" << std::flush;
     else std::cout << line.str() << std::endl;
@@ -406,11 +426,14 @@ void write_metrics(const Config& c, const RunResult& r) {
   write_file(c.out + "/" + r.name + ".json", doc.dump(1) + "\n");
 }
 
-// The best accuracy over a full window of answers (a few early answers are no measure).
+// The best accuracy over a full window of answers (a few early answers are no measure) on the task
+// asked for (not on a curriculum's easier stages).
 double best_accuracy(const Config& c, const RunResult& r) {
   double best = std::numeric_limits<double>::quiet_NaN();
   for (const auto& s : r.history)
-    if (s.answers >= c.ppo.accuracy_window && !std::isnan(s.accuracy) && !(s.accuracy <= best)) best = s.accuracy;
+    if (s.window_answers >= c.ppo.accuracy_window && s.episode_length == r.episode_length && !std::isnan(s.accuracy) &&
+        !(s.accuracy <= best))
+      best = s.accuracy;
   return best;
 }
 
@@ -456,20 +479,24 @@ void write_table(const Config& c, const std::vector<RunResult>& runs) {
 
 // ---- one run ----------------------------------------------------------------------------------------
 
-rl::PolicyOptions policy_options_for(const Config& c, const std::string& controller, const rl::Env& env) {
+// episode_length: of the task asked for (a curriculum starts shorter).
+rl::PolicyOptions policy_options_for(const Config& c, const std::string& controller, int64_t episode_length) {
   rl::PolicyOptions p = c.policy;
   p.controller = controller;
-  if (c.gru_memory_auto) p.gru_memory = 2.0 * static_cast<double>(env.episode_length());
+  if (c.gru_memory_auto) p.gru_memory = 2.0 * static_cast<double>(episode_length);
   return p;
 }
 
 RunResult train(const Config& c, const std::string& controller, int64_t horizon) {
-  RunResult result{controller + "-h" + std::to_string(horizon), controller, horizon, {}};
   rl::EnvOptions env_options = c.env;
   env_options.horizon = horizon;
+  const bool curriculum = c.curriculum_start > 0 && c.curriculum_start < horizon;
+  if (curriculum) env_options.curriculum_start = c.curriculum_start;  // the delay grows to `horizon` in stages
   torch::manual_seed(c.ppo.seed);  // the policy's initialisation
   auto env = rl::make_env(env_options, c.device, c.ppo.seed);
-  auto policy = rl::make_policy(policy_options_for(c, controller, *env), env->obs_dim(), env->num_actions());
+  const int64_t episode_length = curriculum ? horizon + 2 : env->episode_length();  // of the task asked for
+  RunResult result{controller + "-h" + std::to_string(horizon), controller, horizon, episode_length, {}};
+  auto policy = rl::make_policy(policy_options_for(c, controller, episode_length), env->obs_dim(), env->num_actions());
   const std::string env_name = env->name(), policy_name = policy->describe();
   rl::PPOOptions ppo = c.ppo;
   if (ppo.grad_chunks == 0) ppo.grad_chunks = (horizon + 2 + ppo.rollout_len - 1) / ppo.rollout_len + 1;
@@ -485,6 +512,8 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   std::cout << result.name << ": " << policy_name << " on " << env_name << ", " << c.env.num_envs << " envs x "
             << c.ppo.rollout_len << " steps per update, " << c.device << std::endl;
 
+  auto* memory = dynamic_cast<rl::DelayedMemoryEnv*>(&trainer.env());
+  auto stage = [&] { return curriculum ? "  H " + std::to_string(memory->delay()) : std::string(); };
   Progress progress(result.name, c.total_updates);
   double seconds = 0;
   int64_t timed = 0;
@@ -492,10 +521,21 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   for (int64_t u = static_cast<int64_t>(trainer.history().size()); u < total_updates; ++u) {
     const rl::UpdateStats s = trainer.update();
     seconds += s.seconds, ++timed;
-    progress.show(s, seconds / timed);
-    // Early ends: the target accuracy reached (over a full window of answers), or the time used up.
+    progress.show(s, seconds / timed, stage());
+    const bool full_window = s.window_answers >= c.ppo.accuracy_window;
+    if (curriculum && memory->delay() < horizon && full_window && s.accuracy >= c.curriculum_threshold) {
+      const int64_t from = memory->delay();
+      const auto grown = static_cast<int64_t>(std::llround(static_cast<double>(from) * c.curriculum_factor));
+      memory->set_delay(std::min(horizon, std::max(from + 1, grown)));
+      trainer.restart_statistics();
+      progress.finish();
+      std::cout << result.name << ": accuracy " << fixed(s.accuracy, 3) << " at delay " << from << " after update "
+                << s.update << ": the delay is now " << memory->delay() << std::endl;
+    }
+    // Early ends: the target accuracy reached (over a full window of answers on the task asked
+    // for), or the time used up.
     std::string stop;
-    if (c.stop_at > 0 && s.answers >= c.ppo.accuracy_window && s.accuracy >= c.stop_at)
+    if (c.stop_at > 0 && full_window && s.episode_length == episode_length && s.accuracy >= c.stop_at)
       stop = "reached accuracy " + fixed(c.stop_at, 2);
     else if (c.time_limit > 0 && seconds + seconds / timed > c.time_limit)  // the next update would pass it
       stop = "time limit of " + duration(c.time_limit);
@@ -528,7 +568,7 @@ json throughput(const Config& c) {
     env_options.horizon = c.horizons[0];
     torch::manual_seed(c.ppo.seed);
     auto env = rl::make_env(env_options, c.device, c.ppo.seed);
-    auto policy = rl::make_policy(policy_options_for(c, controller, *env), env->obs_dim(), env->num_actions());
+    auto policy = rl::make_policy(policy_options_for(c, controller, env->episode_length()), env->obs_dim(), env->num_actions());
     rl::RolloutStepper stepper(std::move(env), policy, c.ppo.seed, c.decode_step);
     std::string capture_error;
     if (c.cuda_graph) {

@@ -17,9 +17,13 @@ void expect_fused_memory_step_equals_generic(c10::Device device) {
     for (const int64_t delay : {0, 1, 4, 9}) {
       SCOPED_TRACE("distractors " + std::to_string(distractors) + ", delay " + std::to_string(delay));
       const int64_t N = 37, k = 3;
-      rl::DelayedMemoryEnv fused(N, k, delay, distractors, device, 11), generic(N, k, delay, distractors, device, 11);
+      // A curriculum from `delay` towards delay + 3.
+      rl::DelayedMemoryEnv fused(N, k, delay + 3, distractors, device, 11, delay),
+          generic(N, k, delay + 3, distractors, device, 11, delay);
       at::Generator action_gen = rl::make_generator(device, 5);
-      for (int64_t t = 0; t < 3 * (delay + 2) + 5; ++t) {
+      for (int64_t t = 0; t < 6 * (delay + 2) + 10; ++t) {
+        // A curriculum's change of delay halfway: new episodes get it, those under way keep theirs.
+        if (t == 3 * (delay + 2)) fused.set_delay(delay + 3), generic.set_delay(delay + 3);
         // A third of the rows answer right; the rest at random.
         const at::Tensor random = at::randint(8, {N}, action_gen, at::TensorOptions(device).dtype(at::kLong));
         const at::Tensor right = at::arange(N, at::TensorOptions(device).dtype(at::kLong)) % 3 == 0;
@@ -33,6 +37,7 @@ void expect_fused_memory_step_equals_generic(c10::Device device) {
         ASSERT_TRUE(at::equal(a.graded, b.graded)) << "step " << t;
         ASSERT_TRUE(at::equal(fused.phase(), generic.phase())) << "step " << t;
         ASSERT_TRUE(at::equal(fused.bits(), generic.bits())) << "step " << t;
+        ASSERT_TRUE(at::equal(fused.lengths(), generic.lengths())) << "step " << t;
         ASSERT_TRUE(at::equal(fused.observe(), generic.observe())) << "step " << t;
         ASSERT_TRUE(at::equal(fused.observe(), a.obs)) << "the returned obs is the env's current one";
         // The generators moved on alike: the next draws agree.

@@ -7,7 +7,7 @@ namespace statemamba::test {
 
 // A DelayedMemoryEnv's fused step against EpisodicEnv::step on a twin env (same seed): every
 // output and every piece of env state equal, bit for bit, over several episodes, with and without
-// distractors, delays 0 to 9, some actions right, some episodes graded.
+// distractors, delays 0 to 9 changed halfway (set_delay), some actions right, some episodes graded.
 void expect_fused_memory_step_equals_generic(c10::Device device);
 
 // categorical_from_uniform against a float64 inversion of softmax's CDF at the same u: the same
