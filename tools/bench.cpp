@@ -19,6 +19,7 @@
 #include "mamba/cuda_graph_decoder.h"
 #include "mamba/modules.h"
 #include "ops/ops.h"
+#include "tools/cli_errors.h"
 
 #ifdef STATEMAMBA_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -273,7 +274,7 @@ int main(int argc, char** argv) {
     if (args.count("repeats") && args["repeats"].as<int>() < 1)
       throw cxxopts::exceptions::exception("--repeats must be at least 1, got " + std::to_string(args["repeats"].as<int>()));
   } catch (const std::exception& e) {
-    std::cerr << "statemamba-bench: " << e.what() << "\n" << cli.help() << std::endl;
+    std::cerr << "statemamba-bench: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what()) << "\n" << cli.help() << std::endl;
     return 2;
   }
   const int64_t B = args["batch"].as<int64_t>(), D = args["dim"].as<int64_t>(), L = args["length"].as<int64_t>();

@@ -7,6 +7,7 @@
 #include <iostream>
 
 #include "ops/ops.h"
+#include "tools/cli_errors.h"
 
 namespace sm = statemamba::ops;
 
@@ -31,7 +32,7 @@ int main(int argc, char** argv) {
     if (B < 1 || D < 1 || N < 1 || L < 1 || chunk < 1) throw cxxopts::exceptions::exception("--batch, --dim, --dstate, --length and --chunk must be at least 1");
     torch::manual_seed(args["seed"].as<uint64_t>());
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "statemamba-demo: " << e.what() << "\n" << cli.help() << std::endl;
+    std::cerr << "statemamba-demo: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what()) << "\n" << cli.help() << std::endl;
     return 2;
   }
 

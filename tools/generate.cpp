@@ -23,6 +23,7 @@
 #include "mamba/safetensors.h"
 #include "mamba/state_library.h"
 #include "mamba/tokenizer.h"
+#include "tools/cli_errors.h"
 
 using namespace statemamba;
 
@@ -130,14 +131,6 @@ class TextStream {
   std::vector<int64_t> ids_;
   size_t printed_ = 0;
 };
-
-// cxxopts says "Argument ‘x’ failed to parse" without the option: find it in argv.
-std::string option_of_bad_value(int argc, char** argv, const std::string& message) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i][0] == '-' && message.find("\u2018" + std::string(argv[i + 1]) + "\u2019") != std::string::npos)
-      return std::string(" (the value of ") + argv[i] + ")";
-  return "";
-}
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
@@ -412,7 +405,7 @@ int main(int argc, char** argv) {
     std::cerr << "statemamba-generate: " << e.what() << "\n(see --help)" << std::endl;
     return 2;
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "statemamba-generate: " << e.what() << option_of_bad_value(argc, argv, e.what())
+    std::cerr << "statemamba-generate: " << e.what() << tools::option_of_bad_value(argc, argv, e.what())
               << "\n(see --help)" << std::endl;
     return 2;
   } catch (const c10::Error& e) {

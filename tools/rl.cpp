@@ -34,6 +34,7 @@
 #include "rl/policy.h"
 #include "rl/ppo.h"
 #include "rl/throughput.h"
+#include "tools/cli_errors.h"
 
 namespace rl = statemamba::rl;
 using json = nlohmann::json;
@@ -607,7 +608,8 @@ int main(int argc, char** argv) {
     c = parse(args);
     make_dirs(c.out);
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "statemamba-rl: " << e.what() << "\n(statemamba-rl --help lists the options)" << std::endl;
+    std::cerr << "statemamba-rl: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what())
+              << "\n(statemamba-rl --help lists the options)" << std::endl;
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "statemamba-rl: " << e.what() << std::endl;

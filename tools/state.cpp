@@ -14,6 +14,7 @@
 #include <iostream>
 
 #include "mamba/state_library.h"
+#include "tools/cli_errors.h"
 
 using namespace statemamba;
 
@@ -102,10 +103,12 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const UsageError& e) {
-    std::cerr << "statemamba-state: " << e.what() << "\n(see --help)" << std::endl;
+    std::cerr << "statemamba-state: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what())
+              << "\n(see --help)" << std::endl;
     return 2;
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "statemamba-state: " << e.what() << "\n(see --help)" << std::endl;
+    std::cerr << "statemamba-state: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what())
+              << "\n(see --help)" << std::endl;
     return 2;
   } catch (const c10::Error& e) {
     std::cerr << "statemamba-state: error: " << e.what_without_backtrace() << std::endl;

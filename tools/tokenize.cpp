@@ -9,6 +9,7 @@
 #include <string>
 
 #include "mamba/tokenizer.h"
+#include "tools/cli_errors.h"
 
 namespace {
 
@@ -72,7 +73,7 @@ int main(int argc, char** argv) {
       input.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
     }
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "statemamba-tokenize: " << e.what() << "\n" << cli.help() << std::endl;
+    std::cerr << "statemamba-tokenize: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what()) << "\n" << cli.help() << std::endl;
     return 2;
   }
 
