@@ -35,14 +35,23 @@ RecurrentState RecurrentState::narrow(int64_t start, int64_t length) const {
   return map(*this, [&](const at::Tensor& t) { return t.narrow(0, start, length); });
 }
 
+namespace {
+// mask [N] as [N, 1, ...] against t [N, ...], on t's device; checked against the state's batch.
+at::Tensor row_mask(const at::Tensor& mask, const at::Tensor& t, int64_t batch) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 1 && mask.size(0) == batch,
+              "RecurrentState::reset: mask must be bool [", batch, "], got ", mask.scalar_type(), " ", mask.sizes());
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = t.size(0);
+  return mask.to(t.device()).view(shape);
+}
+}  // namespace
+
 void RecurrentState::reset(const at::Tensor& mask) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 1 && mask.size(0) == batch(),
-              "RecurrentState::reset: mask must be bool [", batch(), "], got ", mask.scalar_type(), " ", mask.sizes());
-  for (auto& t : tensors) {
-    std::vector<int64_t> shape(t.dim(), 1);
-    shape[0] = t.size(0);
-    t = t.masked_fill(mask.to(t.device()).view(shape), 0);
-  }
+  for (auto& t : tensors) t = t.masked_fill(row_mask(mask, t, batch()), 0);
+}
+
+void RecurrentState::reset_inplace(const at::Tensor& mask) {
+  for (auto& t : tensors) t.masked_fill_(row_mask(mask, t, batch()), 0);
 }
 
 RecurrentState RecurrentState::cat(const std::vector<RecurrentState>& parts) {
@@ -113,8 +122,10 @@ PolicyOutput RecurrentPolicyImpl::forward_chunk(const at::Tensor& obs, const Rec
   return {at::cat(logits, 0), at::cat(values, 0), std::move(state)};
 }
 
-std::pair<at::Tensor, at::Tensor> RecurrentPolicyImpl::step_inplace(const at::Tensor& obs, RecurrentState& state) {
+std::pair<at::Tensor, at::Tensor> RecurrentPolicyImpl::step_inplace(const at::Tensor& obs, RecurrentState& state,
+                                                                    const at::Tensor& reset) {
   torch::NoGradGuard no_grad;
+  if (reset.defined()) state.reset_inplace(reset);
   PolicyOutput out = step(obs, state);
   for (size_t i = 0; i < state.tensors.size(); ++i) state.tensors[i].copy_(out.state.tensors[i]);
   return {out.logits, out.values};
@@ -194,14 +205,16 @@ std::pair<at::Tensor, RecurrentState> MambaPolicyImpl::core(const at::Tensor& x,
   return {features.transpose(0, 1), std::move(next)};
 }
 
-std::pair<at::Tensor, at::Tensor> MambaPolicyImpl::step_inplace(const at::Tensor& obs, RecurrentState& state) {
+std::pair<at::Tensor, at::Tensor> MambaPolicyImpl::step_inplace(const at::Tensor& obs, RecurrentState& state,
+                                                                const at::Tensor& reset) {
   TORCH_CHECK(obs.dim() == 2 && obs.size(1) == obs_dim, "policy step_inplace: obs must be [N, ", obs_dim, "], got ",
               obs.sizes());
   torch::NoGradGuard no_grad;
   MambaStackState stack = stack_state(state);  // shares the tensors: the blocks' step() writes them
   at::Tensor hidden = encoder->forward(obs), residual;
   for (int64_t i = 0; i < config.n_layer(); ++i)
-    std::tie(hidden, residual) = blocks->ptr<MambaBlockImpl>(i)->step(hidden, residual, stack.layers[i]);
+    std::tie(hidden, residual) = blocks->ptr<MambaBlockImpl>(i)->step(
+        hidden, residual, stack.layers[i], reset.defined() ? OptionalMask(reset) : std::nullopt);
   const at::Tensor features = norm_f->forward_sum(hidden, residual);  // one kernel, not seven
   return {actor->forward(features), critic->forward(features).squeeze(-1)};
 }

@@ -44,6 +44,8 @@ struct RecurrentState {
   RecurrentState to(at::Device device) const;
   // Zeroes the rows n where mask[n] (bool [N]) is true: those environments start afresh.
   void reset(const at::Tensor& mask);
+  // The same in place (the tensors keep their storage, as a captured CUDA graph needs).
+  void reset_inplace(const at::Tensor& mask);
   // Rows [start, start + length): one group of environments.
   RecurrentState narrow(int64_t start, int64_t length) const;
   static RecurrentState cat(const std::vector<RecurrentState>& parts);
@@ -89,9 +91,11 @@ class RecurrentPolicyImpl : public torch::nn::Module {
   PolicyOutput forward_chunk(const at::Tensor& obs, const RecurrentState& state0, const at::Tensor& resets,
                              bool stepwise = false);
   // Inference only, for rollouts that are never replayed (throughput): advances `state` in place
-  // and returns (logits [N, A], values [N]). Mamba uses the decode ops (causal_conv1d_update,
-  // selective_state_update; fused on CUDA), equal to step() to rounding, not bit for bit.
-  virtual std::pair<at::Tensor, at::Tensor> step_inplace(const at::Tensor& obs, RecurrentState& state);
+  // and returns (logits [N, A], values [N]). Rows marked in `reset` (bool [N], optional) forget
+  // their past first. Mamba uses the decode ops (causal_conv1d_update, selective_state_update;
+  // fused on CUDA, the reset inside the kernel), equal to step() to rounding, not bit for bit.
+  virtual std::pair<at::Tensor, at::Tensor> step_inplace(const at::Tensor& obs, RecurrentState& state,
+                                                         const at::Tensor& reset = {});
   virtual std::string describe() const = 0;
   at::Device device() const { return actor->weight.device(); }
 
@@ -115,7 +119,8 @@ class MambaPolicyImpl : public RecurrentPolicyImpl {
  public:
   MambaPolicyImpl(int64_t obs_dim, int64_t num_actions, const PolicyOptions& options);
   RecurrentState initial_state(int64_t num_envs) const override;
-  std::pair<at::Tensor, at::Tensor> step_inplace(const at::Tensor& obs, RecurrentState& state) override;
+  std::pair<at::Tensor, at::Tensor> step_inplace(const at::Tensor& obs, RecurrentState& state,
+                                                 const at::Tensor& reset = {}) override;
   std::string describe() const override;
   // The state as the library's state object (shares the tensors), e.g. to save it as .h5.
   MambaStackState stack_state(const RecurrentState& state) const;

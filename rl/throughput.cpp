@@ -32,26 +32,25 @@ RolloutStepper::RolloutStepper(std::unique_ptr<Env> env, RecurrentPolicy policy,
   policy_->eval();
   action_gen_ = make_generator(env_->device(), seed + 1);
   state_ = policy_->initial_state(env_->num_envs());
+  pending_reset_ = at::zeros({env_->num_envs()}, at::TensorOptions(env_->device()).dtype(at::kBool));
 }
 
 RolloutStepper::~RolloutStepper() = default;
 
+// The rows whose episode ended in the previous step forget their past at the start of this one:
+// Mamba's decode step does that inside its kernels, so no separate kernels zero the state.
 void RolloutStepper::eager_step() {
   torch::NoGradGuard no_grad;
   at::Tensor logits;
   if (decode_) {
-    logits = policy_->step_inplace(env_->observe(), state_).first;
+    logits = policy_->step_inplace(env_->observe(), state_, pending_reset_).first;
   } else {
+    state_.reset_inplace(pending_reset_);
     PolicyOutput out = policy_->step(env_->observe(), state_);
     for (size_t i = 0; i < state_.tensors.size(); ++i) state_.tensors[i].copy_(out.state.tensors[i]);  // in place
     logits = out.logits;
   }
-  const EnvStep s = env_->step(sample_actions(logits, action_gen_));
-  for (auto& t : state_.tensors) {  // the ended episodes' rows start afresh, in place
-    std::vector<int64_t> shape(t.dim(), 1);
-    shape[0] = t.size(0);
-    t.masked_fill_(s.done.view(shape), 0);
-  }
+  pending_reset_.copy_(env_->step(sample_actions(logits, action_gen_)).done);  // in place: a graph reads it
 }
 
 void RolloutStepper::step() {

@@ -35,7 +35,10 @@ class RolloutStepper {
 
   Env& env() { return *env_; }
   RecurrentPolicy& policy() { return policy_; }
+  // The state after the last step. Rows whose episode just ended (pending_reset()) are zeroed at
+  // the start of the next step, not at the end of this one.
   const RecurrentState& state() const { return state_; }
+  const at::Tensor& pending_reset() const { return pending_reset_; }
 
  private:
   void eager_step();
@@ -45,6 +48,7 @@ class RolloutStepper {
   bool decode_;
   at::Generator action_gen_;
   RecurrentState state_;
+  at::Tensor pending_reset_;  // bool [N]
   struct Graph;
   std::unique_ptr<Graph> graph_;
 };
