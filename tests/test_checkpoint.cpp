@@ -43,13 +43,7 @@ std::string data_dir(const std::string& name) {
   return source.substr(0, source.rfind('/')) + "/data/" + name;
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  EXPECT_TRUE(in) << "cannot open " << path;
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using statemamba::test::read_text;
 
 void write_file(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -57,7 +51,7 @@ void write_file(const std::string& path, const std::string& bytes) {
   ASSERT_TRUE(out.good()) << "cannot write " << path;
 }
 
-void copy_file(const std::string& from, const std::string& to) { write_file(to, read_file(from)); }
+void copy_file(const std::string& from, const std::string& to) { write_file(to, read_text(from)); }
 
 // ---- transformers' reference outputs -------------------------------------------------------------
 
@@ -69,7 +63,7 @@ struct Reference {
 
 Reference load_reference(const std::string& fixture) {
   auto t = safetensors::load(data_dir(fixture) + "/reference.safetensors");
-  const json j = json::parse(read_file(data_dir(fixture) + "/reference.json"));
+  const json j = json::parse(read_text(data_dir(fixture) + "/reference.json"));
   Reference r;
   r.input_ids = t.at("input_ids");
   r.logits = t.at("logits");
@@ -232,7 +226,7 @@ TEST(Checkpoint, SaveLoadRoundTripIsBitExact) {
     EXPECT_EQ(tensors.count("lm_head.weight"), model->options.tie_embeddings() ? 0u : 1u);
     EXPECT_EQ(tensors.count("backbone.embeddings.weight"), 1u);
     EXPECT_EQ(safetensors::load_metadata(out + "/model.safetensors").at("format"), "pt");
-    const json config = json::parse(read_file(out + "/config.json"));
+    const json config = json::parse(read_text(out + "/config.json"));
     EXPECT_EQ(config.at("model_type"), "mamba");
     EXPECT_EQ(config.at("architectures"), json::array({"MambaForCausalLM"}));
     EXPECT_EQ(config.at("vocab_size"), model->options.padded_vocab_size());
@@ -259,7 +253,7 @@ TEST(Checkpoint, SaveRoundTripInBfloat16) {
   auto model = load_pretrained(data_dir("tiny-mamba-hf-sharded"), {at::kCPU, at::kBFloat16});
   TempDir dir;
   save_pretrained(model, dir.path());
-  EXPECT_EQ(json::parse(read_file(dir.file("config.json"))).at("torch_dtype"), "bfloat16");
+  EXPECT_EQ(json::parse(read_text(dir.file("config.json"))).at("torch_dtype"), "bfloat16");
   EXPECT_EQ(safetensors::load(dir.file("model.safetensors")).at("backbone.norm_f.weight").scalar_type(), at::kBFloat16);
   auto again = load_pretrained(dir.path(), {at::kCPU, at::kBFloat16});
   expect_same_parameters(model, again);
@@ -361,7 +355,7 @@ TEST(Checkpoint, DirectoryErrors) {
 void expect_config_error(const std::string& fixture, const std::function<void(json&)>& edit,
                          std::initializer_list<std::string> parts) {
   TempDir dir;
-  json j = json::parse(read_file(data_dir(fixture) + "/config.json"));
+  json j = json::parse(read_text(data_dir(fixture) + "/config.json"));
   edit(j);
   write_file(dir.file("config.json"), j.dump());
   expect_error([&] { read_pretrained_config(dir.path()); }, parts);
@@ -392,7 +386,7 @@ void expect_index_error(const std::function<void(json&)>& edit, std::initializer
   for (const char* f : {"config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
                         "model-00003-of-00003.safetensors"})
     copy_file(src + "/" + f, dir.file(f));
-  json index = json::parse(read_file(src + "/model.safetensors.index.json"));
+  json index = json::parse(read_text(src + "/model.safetensors.index.json"));
   edit(index);
   write_file(dir.file("model.safetensors.index.json"), index.dump());
   expect_error([&] { load_pretrained(dir.path()); }, parts);
@@ -539,7 +533,7 @@ TEST(Safetensors, RoundTripsEveryDtypeAndShape) {
   EXPECT_EQ(metadata.at("note"), "héllo");
 
   // The header: padded to 8 bytes, as the reference writer's, with the names and dtypes it uses.
-  const std::string bytes = read_file(dir.file("t.safetensors"));
+  const std::string bytes = read_text(dir.file("t.safetensors"));
   uint64_t header_len;
   std::memcpy(&header_len, bytes.data(), 8);
   EXPECT_EQ(header_len % 8, 0u);
@@ -631,7 +625,7 @@ TEST(Safetensors, HostileFiles) {
 }
 
 TEST(Safetensors, TruncatedRealFile) {
-  const std::string bytes = read_file(data_dir("tiny-mamba-hf") + "/model.safetensors");
+  const std::string bytes = read_text(data_dir("tiny-mamba-hf") + "/model.safetensors");
   expect_load_error(bytes.substr(0, bytes.size() - 100), {"past the end of the data", "truncated"});
   expect_load_error(bytes.substr(0, 100), {"header length", "past the end of the file"});
 }

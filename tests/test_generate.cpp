@@ -586,13 +586,7 @@ std::string data_dir(const std::string& name) {
   return source.substr(0, source.rfind('/')) + "/data/" + name;
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  EXPECT_TRUE(in) << "cannot open " << path;
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using statemamba::test::read_text;
 
 void write_text(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
 

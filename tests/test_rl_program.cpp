@@ -14,14 +14,7 @@
 namespace {
 
 using statemamba::test::ProgramResult;
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  EXPECT_TRUE(in) << "cannot open " << path;
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using statemamba::test::read_text;
 
 // A metrics CSV as a header and rows of cells.
 struct Csv {

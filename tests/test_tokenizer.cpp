@@ -26,13 +26,7 @@ std::string data_dir() {
   return std::string(dir && *dir ? dir : "tests/data") + "/tiny-tokenizer";
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + path + " (is STATEMAMBA_TEST_DATA set?)");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using statemamba::test::read_text;
 
 const json& base_json() {
   static const json j = json::parse(read_text(data_dir() + "/tokenizer.json"));
