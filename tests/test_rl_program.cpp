@@ -1,5 +1,6 @@
 // statemamba-rl end to end: its flags, its bad-flag messages, the horizon curriculum, and --resume
-// (a run stopped and resumed writes the same metrics as one that never stopped).
+// (a run stopped and resumed writes the same metrics as one that never stopped); statemamba-plot
+// on the metrics it writes.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -153,6 +154,42 @@ TEST_F(RlProgram, ResumedCurriculumRunEqualsAnUninterruptedOne) {
       if (name == "seconds" || name == "steps_per_second" || name == "rollout_seconds") continue;  // timings
       EXPECT_EQ(a.rows[i][j], b.rows[i][j]) << name << " at update " << i + 1;
     }
+}
+
+TEST_F(RlProgram, PlotDrawsRunsFromTheirMetrics) {
+  const std::string out = dir_.file("run"), png = dir_.file("runs.png");
+  ASSERT_EQ(rl(curriculum_run(out, 3)).status, 0);
+  const std::string plot = statemamba::test::program_path("plot"), err = dir_.file("plot-stderr");
+  const std::string metrics = out + "/mamba-h6.json";
+  ProgramResult r = statemamba::test::run_program(plot, {"-o", png, metrics + "=first, with a comma", metrics}, err);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("(2 runs)"), std::string::npos) << r.out;
+  EXPECT_EQ(read_text(png).substr(0, 8), "\x89PNG\r\n\x1a\n");
+  r = statemamba::test::run_program(plot, {"-o", png, "-y", "episode_length", metrics}, err);
+  EXPECT_EQ(r.status, 0) << r.err;
+
+  struct Case {
+    std::vector<std::string> args;
+    int status;
+    std::string message;
+  };
+  std::ofstream(dir_.file("not.json")) << "{\"history\": [{\"update\": 1}]";
+  std::ofstream(dir_.file("other.json")) << "{\"rows\": []}";
+  const std::vector<Case> cases = {
+      {{metrics}, 2, "-o/--out: the PNG to write is required"},
+      {{"-o", png}, 2, "no runs given"},
+      {{"-o", png, "--colour", "red", metrics}, 2, "unknown option '--colour'"},
+      {{"-o", png, dir_.file("missing.json")}, 1, "cannot read " + dir_.file("missing.json")},
+      {{"-o", png, dir_.file("not.json")}, 1, "not.json is not JSON"},
+      {{"-o", png, dir_.file("other.json")}, 1, "expected an object with a \"history\" array"},
+      {{"-o", png, "-y", "speed", metrics}, 1, "update 1 has no column 'speed'"},
+      {{"-o", dir_.file("no/such/dir/x.png"), metrics}, 1, "cannot write"},
+  };
+  for (const auto& c : cases) {
+    r = statemamba::test::run_program(plot, c.args, err);
+    EXPECT_EQ(r.status, c.status) << c.message << "\n" << r.err;
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << "expected '" << c.message << "' in:\n" << r.err;
+  }
 }
 
 }  // namespace

@@ -54,6 +54,6 @@ json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 for run, s in summary.items():
     best = "-" if s["best_accuracy"] is None else f"{s['best_accuracy']:.3f}"
     final = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.3f}"
-    print(f"{run:28s} updates {s['updates']:4d}  episode length {s['episode_length']:6d}  final {final}  best {best}  "
+    print(f"{run:28s} updates {int(s['updates']):4d}  episode length {int(s['episode_length']):6d}  final {final}  best {best}  "
           f"{s['seconds']:.0f} s  {s['env_steps_per_second'] / 1e3:.0f}k env-steps/s  full task from update {s['first_update_at_task_length']}")
 PY
