@@ -166,6 +166,8 @@ PPOTrainer::PPOTrainer(std::unique_ptr<Env> env, RecurrentPolicy policy, const P
   at_least_1("epochs", options_.epochs);
   at_least_1("minibatches", options_.minibatches);
   at_least_1("grad_chunks", options_.grad_chunks);
+  TORCH_CHECK(options_.lr_anneal_updates >= 0, "ppo: lr_anneal_updates must be 0 (constant lr) or positive, got ",
+              options_.lr_anneal_updates);
   TORCH_CHECK(N % options_.minibatches == 0, "ppo: minibatches (", options_.minibatches,
               ") must divide num_envs (", N, "): each minibatch is a fixed group of environments");
   TORCH_CHECK(policy_->obs_dim == env_->obs_dim() && policy_->num_actions == env_->num_actions(), "ppo: the policy ",
@@ -309,6 +311,11 @@ UpdateStats PPOTrainer::update() {
   UpdateStats s;
   s.rollout_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   stats_.add(r);
+  if (options_.lr_anneal_updates > 0) {  // from the update's index alone: a resumed run gets the same rates
+    const double left = 1.0 - static_cast<double>(history_.size()) / static_cast<double>(options_.lr_anneal_updates);
+    for (auto& group : optimizer_->param_groups())
+      static_cast<torch::optim::AdamOptions&>(group.options()).lr(options_.lr * std::max(0.0, left));
+  }
   train(r, s);
   if (options_.grad_chunks > 1) {
     carried_.push_back({r.obs, r.resets, r.state0});

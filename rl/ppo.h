@@ -32,6 +32,9 @@ struct PPOOptions {
   int64_t epochs = 4;
   int64_t minibatches = 2;    // groups of environments; must divide num_envs
   double lr = 1e-3;
+  // > 0: the learning rate falls linearly from lr to 0 over this many updates (PPO's usual
+  // schedule); update u (from 0) uses lr * (1 - u / lr_anneal_updates), at least 0.
+  int64_t lr_anneal_updates = 0;
   double adam_eps = 1e-5;
   double gamma = 0.99;
   double gae_lambda = 0.95;

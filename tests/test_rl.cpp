@@ -622,6 +622,39 @@ TEST(RlPpo, WholeChunkReplayMatchesToRounding) {
   }
 }
 
+// The annealed learning rate reaches 0 at update lr_anneal_updates: from then on the weights stay
+// where they are (Adam's step is lr times its direction), while a constant rate keeps moving them.
+TEST(RlPpo, AnnealedLearningRateStopsAtZero) {
+  auto weights = [](rl::PPOTrainer& t) {
+    std::vector<at::Tensor> w;
+    for (const auto& p : t.policy()->parameters()) w.push_back(p.detach().clone());
+    return w;
+  };
+  auto same = [](const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+    for (size_t i = 0; i < a.size(); ++i)
+      if (!at::equal(a[i], b[i])) return false;
+    return true;
+  };
+  for (int64_t anneal : {2, 0}) {
+    SCOPED_TRACE("lr_anneal_updates " + std::to_string(anneal));
+    rl::PPOOptions o = small_ppo();
+    o.lr_anneal_updates = anneal;
+    rl::PPOTrainer trainer = make_trainer("mamba", o);
+    auto before = weights(trainer);
+    trainer.update();  // lr
+    EXPECT_FALSE(same(before, weights(trainer)));
+    before = weights(trainer);
+    trainer.update();  // lr / 2 when annealed
+    EXPECT_FALSE(same(before, weights(trainer)));
+    before = weights(trainer);
+    trainer.update();  // 0 when annealed
+    EXPECT_EQ(same(before, weights(trainer)), anneal == 2);
+  }
+  rl::PPOOptions o = small_ppo();
+  o.lr_anneal_updates = -1;
+  expect_error([&] { make_trainer("gru", o); }, {"lr_anneal_updates must be 0 (constant lr) or positive, got -1"});
+}
+
 TEST(RlPpo, BadOptions) {
   rl::PPOOptions o = small_ppo();
   o.minibatches = 3;
@@ -666,7 +699,8 @@ TEST(RlPpo, ResumeEqualsUninterrupted) {
     SCOPED_TRACE(controller);
     TempDir dir;
     rl::PPOOptions o = small_ppo();
-    o.grad_chunks = 2;  // the carried chunk is part of what must be saved
+    o.grad_chunks = 2;         // the carried chunk is part of what must be saved
+    o.lr_anneal_updates = 6;   // and the learning rate's schedule must go on where it was
     rl::PPOTrainer straight = make_trainer(controller, o);
     for (int u = 0; u < 4; ++u) straight.update();
 

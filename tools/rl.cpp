@@ -190,6 +190,7 @@ cxxopts::Options make_cli() {
       ("epochs", "passes over each chunk", cxxopts::value<int64_t>()->default_value("4"))
       ("minibatches", "groups of environments per pass (must divide --num-envs)", cxxopts::value<int64_t>()->default_value("2"))
       ("lr", "Adam learning rate", cxxopts::value<double>()->default_value("0.002"))
+      ("lr-anneal", "the learning rate falls linearly to 0 over --total-updates (PPO's usual schedule)")
       ("gamma", "discount", cxxopts::value<double>()->default_value("0.99"))
       ("gae-lambda", "GAE lambda. Lower than PPO's usual 0.95 because a memory task pays at the very step it grades: "
        "a long lambda spreads each answer's reward over the random actions before it, and that noise drowns the "
@@ -316,6 +317,7 @@ Config parse(const cxxopts::ParseResult& args) {
   if (c.decode_step && c.mode != "throughput") usage_error("--decode-step is for --mode throughput");
   if (c.cuda_graph && c.mode != "throughput") usage_error("--cuda-graph is for --mode throughput");
   c.total_updates = positive("total-updates");
+  if (args.count("lr-anneal")) p.lr_anneal_updates = c.total_updates;
   c.checkpoint_every = positive("checkpoint-every");
   c.out = args["out"].as<std::string>();
   c.resume = args.count("resume") > 0;
@@ -361,6 +363,7 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"epochs", p.epochs},
           {"minibatches", p.minibatches},
           {"lr", p.lr},
+          {"lr_anneal_updates", p.lr_anneal_updates},
           {"gamma", p.gamma},
           {"gae_lambda", p.gae_lambda},
           {"clip", p.clip},
