@@ -190,7 +190,8 @@ cxxopts::Options make_cli() {
       ("epochs", "passes over each chunk", cxxopts::value<int64_t>()->default_value("4"))
       ("minibatches", "groups of environments per pass (must divide --num-envs)", cxxopts::value<int64_t>()->default_value("2"))
       ("lr", "Adam learning rate", cxxopts::value<double>()->default_value("0.002"))
-      ("lr-anneal", "the learning rate falls linearly to 0 over --total-updates (PPO's usual schedule)")
+      ("lr-anneal", "the learning rate falls linearly to 0 over --total-updates (PPO's usual schedule; a "
+       "resumed run keeps it if --total-updates is the same)")
       ("gamma", "discount", cxxopts::value<double>()->default_value("0.99"))
       ("gae-lambda", "GAE lambda. Lower than PPO's usual 0.95 because a memory task pays at the very step it grades: "
        "a long lambda spreads each answer's reward over the random actions before it, and that noise drowns the "
