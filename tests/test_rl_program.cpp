@@ -182,7 +182,7 @@ TEST_F(RlProgram, PlotDrawsRunsFromTheirMetrics) {
       {{"-o", png, dir_.file("missing.json")}, 1, "cannot read " + dir_.file("missing.json")},
       {{"-o", png, dir_.file("not.json")}, 1, "not.json is not JSON"},
       {{"-o", png, dir_.file("other.json")}, 1, "expected an object with a \"history\" array"},
-      {{"-o", png, "-y", "speed", metrics}, 1, "update 1 has no column 'speed'"},
+      {{"-o", png, "-y", "speed", metrics}, 1, "update 1 has no column 'speed' (it has accuracy, answers,"},
       {{"-o", dir_.file("no/such/dir/x.png"), metrics}, 1, "cannot write"},
   };
   for (const auto& c : cases) {

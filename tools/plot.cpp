@@ -51,10 +51,14 @@ Series read_series(const std::string& path, const std::string& label, const std:
   Series s;
   s.label = label;
   for (const auto& row : doc["history"]) {
+    if (!row.is_object()) throw std::runtime_error(path + ": update " + std::to_string(s.x.size() + 1) + " is not an object");
     for (const auto& column : {x, y})
-      if (!row.is_object() || !row.contains(column))
+      if (!row.contains(column)) {
+        std::string columns;
+        for (const auto& item : row.items()) columns += (columns.empty() ? "" : ", ") + item.key();
         throw std::runtime_error(path + ": update " + std::to_string(s.x.size() + 1) + " has no column '" + column +
-                                 "'" + (row.is_object() ? " (statemamba-plot --help names some)" : ""));
+                                 "' (it has " + columns + ")");
+      }
     auto number = [&](const std::string& column) {
       const json& v = row[column];
       if (v.is_null()) return std::numeric_limits<double>::quiet_NaN();  // e.g. no answer yet
@@ -81,9 +85,6 @@ int main(int argc, char** argv) {
       ("h,help", "show this help");
   // The runs are what is left over: cxxopts would split a positional list at commas, labels too.
   cli.allow_unrecognised_options();
-  std::vector<Series> series;
-  statemamba::rl::PlotOptions options;
-  std::string out;
   try {
     const auto args = cli.parse(argc, argv);
     if (args.count("help")) {
@@ -95,7 +96,9 @@ int main(int argc, char** argv) {
     for (const auto& run : runs)
       if (run.size() > 1 && run[0] == '-') throw cxxopts::exceptions::exception("unknown option '" + run + "'");
     if (runs.empty()) throw cxxopts::exceptions::exception("no runs given: name one or more metrics JSON files");
-    out = args["out"].as<std::string>();
+    const std::string out = args["out"].as<std::string>();
+    statemamba::rl::PlotOptions options;
+    std::vector<Series> series;
     options.x_label = args["x-axis"].as<std::string>();
     options.y_label = args["y-axis"].as<std::string>();
     options.title = args["title"].as<std::string>();
@@ -104,6 +107,9 @@ int main(int argc, char** argv) {
       const auto [path, label] = path_and_label(spec);
       series.push_back(read_series(path, label, options.x_label, options.y_label));
     }
+    statemamba::rl::plot_lines(out, series, options);
+    std::cout << "plot: " << out << " (" << series.size() << (series.size() == 1 ? " run)" : " runs)") << std::endl;
+    return 0;
   } catch (const cxxopts::exceptions::exception& e) {
     std::cerr << "statemamba-plot: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what())
               << "\n(statemamba-plot --help lists the options)" << std::endl;
@@ -112,12 +118,4 @@ int main(int argc, char** argv) {
     std::cerr << "statemamba-plot: " << e.what() << std::endl;
     return 1;
   }
-  try {
-    statemamba::rl::plot_lines(out, series, options);
-  } catch (const std::exception& e) {
-    std::cerr << "statemamba-plot: " << e.what() << std::endl;
-    return 1;
-  }
-  std::cout << "plot: " << out << " (" << series.size() << (series.size() == 1 ? " run)" : " runs)") << std::endl;
-  return 0;
 }

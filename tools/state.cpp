@@ -103,8 +103,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const UsageError& e) {
-    std::cerr << "statemamba-state: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what())
-              << "\n(see --help)" << std::endl;
+    std::cerr << "statemamba-state: " << e.what() << "\n(see --help)" << std::endl;
     return 2;
   } catch (const cxxopts::exceptions::exception& e) {
     std::cerr << "statemamba-state: " << e.what() << statemamba::tools::option_of_bad_value(argc, argv, e.what())
