@@ -181,6 +181,7 @@ PPOTrainer::PPOTrainer(std::unique_ptr<Env> env, RecurrentPolicy policy, const P
   action_gen_ = make_generator(env_->device(), options_.seed + 1);
   order_gen_ = make_generator(at::kCPU, options_.seed + 2);
   for (int64_t g = 0; g < groups_; ++g) states_.push_back(policy_->initial_state(group_size_));
+  for (const auto& item : policy_->named_parameters()) parameter_names_.push_back(item.key());
   first_ = at::ones({N}, at::TensorOptions(env_->device()).dtype(at::kBool));
 }
 
@@ -269,6 +270,7 @@ void PPOTrainer::train(const Rollout& r, UpdateStats& stats) {
   const auto& o = options_;
   const auto [advantages, returns] = gae(r.rewards, r.values, r.dones, r.last_values, o.gamma, o.gae_lambda);
   std::vector<at::Tensor> logs;  // per minibatch: policy loss, value loss, entropy, kl, clip fraction, grad norm
+  std::vector<at::Tensor> parameter_norms;  // per minibatch, with record_parameter_grad_norms
   for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
     const at::Tensor order = at::randperm(groups_, order_gen_, at::kLong);
     for (int64_t k = 0; k < groups_; ++k) {
@@ -290,6 +292,12 @@ void PPOTrainer::train(const Rollout& r, UpdateStats& stats) {
       if (epoch == 0 && k == 0) stats.first_ratio_dev = (ratio - 1).abs().max().item<double>();
       optimizer_->zero_grad();
       loss.backward();
+      if (o.record_parameter_grad_norms) {
+        std::vector<at::Tensor> norms;
+        for (const auto& p : policy_->parameters())
+          norms.push_back(p.grad().defined() ? p.grad().norm().to(at::kDouble) : at::zeros({}, p.options().dtype(at::kDouble)));
+        parameter_norms.push_back(at::stack(norms));
+      }
       const double grad_norm = torch::nn::utils::clip_grad_norm_(policy_->parameters(), o.max_grad_norm);
       optimizer_->step();
       torch::NoGradGuard no_grad;
@@ -302,6 +310,7 @@ void PPOTrainer::train(const Rollout& r, UpdateStats& stats) {
   const auto v = m.accessor<double, 1>();
   stats.policy_loss = v[0], stats.value_loss = v[1], stats.entropy = v[2], stats.approx_kl = v[3];
   stats.clip_frac = v[4], stats.grad_norm = v[5];
+  if (o.record_parameter_grad_norms) parameter_grad_norms_ = at::stack(parameter_norms).cpu();
 }
 
 UpdateStats PPOTrainer::update() {

@@ -51,6 +51,9 @@ struct PPOOptions {
   // chunk's initial state; its value stays the stored one, so the replay still matches the rollout.
   int64_t grad_chunks = 1;
   int64_t accuracy_window = 256;  // graded answers (and episode returns) that accuracy is over
+  // Record every parameter's gradient norm (before clipping) at each gradient step, to find which
+  // parameters a spike of the total norm comes from (PPOTrainer::parameter_grad_norms()).
+  bool record_parameter_grad_norms = false;
   uint64_t seed = 0;
 };
 
@@ -140,6 +143,10 @@ class PPOTrainer {
   const std::vector<UpdateStats>& history() const { return history_; }
   const std::vector<RecurrentState>& states() const { return states_; }
   int64_t group_size() const { return group_size_; }
+  // With record_parameter_grad_norms: the last update's norms, [epochs * minibatches, P] float64 on
+  // the CPU, one row per gradient step, columns in the order of parameter_names().
+  const std::vector<std::string>& parameter_names() const { return parameter_names_; }
+  const at::Tensor& parameter_grad_norms() const { return parameter_grad_norms_; }
 
  private:
   struct Carried {  // an earlier chunk that the gradient flows back into
@@ -166,6 +173,8 @@ class PPOTrainer {
   EpisodeStats stats_;
   int64_t env_steps_ = 0;
   std::vector<UpdateStats> history_;
+  std::vector<std::string> parameter_names_;
+  at::Tensor parameter_grad_norms_;
 };
 
 }  // namespace statemamba::rl

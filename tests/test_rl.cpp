@@ -655,6 +655,32 @@ TEST(RlPpo, AnnealedLearningRateStopsAtZero) {
   expect_error([&] { make_trainer("gru", o); }, {"lr_anneal_updates must be 0 (constant lr) or positive, got -1"});
 }
 
+// The per-parameter norms are the pieces of the total: with one gradient step per update, their
+// root sum of squares is the update's (unclipped) grad_norm; with more, one row per step.
+TEST(RlPpo, ParameterGradNormsAddUpToTheTotal) {
+  for (const char* controller : {"mamba", "gru"}) {
+    SCOPED_TRACE(controller);
+    rl::PPOOptions o = small_ppo();
+    o.epochs = 1, o.minibatches = 1, o.record_parameter_grad_norms = true;
+    o.max_grad_norm = 1e-3;  // so that it clips: the norms must be those from before
+    rl::PPOTrainer trainer = make_trainer(controller, o);
+    const rl::UpdateStats s = trainer.update();
+    const at::Tensor& norms = trainer.parameter_grad_norms();
+    ASSERT_EQ(norms.sizes(), (at::IntArrayRef{1, static_cast<int64_t>(trainer.parameter_names().size())}));
+    EXPECT_EQ(norms.scalar_type(), at::kDouble);
+    EXPECT_GT(norms.min().item<double>(), 0.0) << "every parameter takes part in the loss";
+    EXPECT_NEAR(norms.square().sum().sqrt().item<double>(), s.grad_norm, 1e-5 * s.grad_norm);
+    EXPECT_GT(s.grad_norm, 10 * o.max_grad_norm);
+    const auto& names = trainer.parameter_names();
+    EXPECT_NE(std::find(names.begin(), names.end(), "actor.weight"), names.end());
+
+    o = small_ppo(), o.record_parameter_grad_norms = true;
+    rl::PPOTrainer two = make_trainer(controller, o);
+    two.update();
+    EXPECT_EQ(two.parameter_grad_norms().size(0), o.epochs * o.minibatches);
+  }
+}
+
 TEST(RlPpo, BadOptions) {
   rl::PPOOptions o = small_ppo();
   o.minibatches = 3;

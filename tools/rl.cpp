@@ -7,7 +7,7 @@
 //   statemamba-rl --mode throughput --num-envs 1024 --cuda-graph   # rollout env-steps/s, no learning
 //
 // Writes into --out (default out/rl): per run <controller>-h<horizon>.csv and .json (every update's statistics) and
-// checkpoint-<controller>-h<horizon>.pt; accuracy.png (accuracy against updates, one curve per
+// checkpoint-<controller>-h<horizon>.pt (with --grad-norms also <controller>-h<horizon>-grad-norms.csv); accuracy.png (accuracy against updates, one curve per
 // run); in scale mode results.md and results.csv; in throughput mode throughput.json (also printed).
 // --resume continues from the checkpoints.
 #include <sys/stat.h>
@@ -207,7 +207,9 @@ cxxopts::Options make_cli() {
       ("grad-chunks", "chunks the gradient flows back through (1: truncated at each chunk's start; 0: enough "
        "to reach back from any query to its episode's start, ceil((horizon + 2) / rollout-len) + 1, per horizon)",
        cxxopts::value<int64_t>()->default_value("1"))
-      ("accuracy-window", "graded answers that accuracy is the share of", cxxopts::value<int64_t>()->default_value("256"));
+      ("accuracy-window", "graded answers that accuracy is the share of", cxxopts::value<int64_t>()->default_value("256"))
+      ("grad-norms", "also write <run>-grad-norms.csv: every parameter's gradient norm (before clipping) at every "
+       "gradient step of this process's updates, to find where a spike of grad_norm comes from");
   cli.parse_positional({"horizons"});  // so that "--horizons 1000 5000" reads as a list
   return cli;
 }
@@ -307,6 +309,7 @@ Config parse(const cxxopts::ParseResult& args) {
   p.grad_chunks = args["grad-chunks"].as<int64_t>();  // 0: per horizon, in train()
   if (p.grad_chunks < 0) usage_error("--grad-chunks must be 0 (automatic) or positive, got " + std::to_string(p.grad_chunks));
   p.accuracy_window = positive("accuracy-window");
+  p.record_parameter_grad_norms = args.count("grad-norms") > 0;
   p.seed = args["seed"].as<uint64_t>();
 
   c.throughput_steps = positive("throughput-steps");
@@ -520,6 +523,15 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
   auto* memory = dynamic_cast<rl::DelayedMemoryEnv*>(&trainer.env());
   auto stage = [&] { return curriculum ? "  H " + std::to_string(memory->delay()) : std::string(); };
   Progress progress(result.name, c.total_updates);
+  // --grad-norms: rows of update, step, then one column per parameter; rewritten whole at each
+  // checkpoint and at the end, so the file is never half a row.
+  std::ostringstream grad_norms;
+  const std::string grad_norms_path = c.out + "/" + result.name + "-grad-norms.csv";
+  if (c.ppo.record_parameter_grad_norms) {
+    grad_norms << "update,step";
+    for (const auto& name : trainer.parameter_names()) grad_norms << "," << name;
+    grad_norms << "\n";
+  }
   double seconds = 0;
   int64_t timed = 0;
   const int64_t total_updates = c.report_only ? static_cast<int64_t>(trainer.history().size()) : c.total_updates;
@@ -527,6 +539,15 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
     const rl::UpdateStats s = trainer.update();
     seconds += s.seconds, ++timed;
     progress.show(s, seconds / timed, stage());
+    if (c.ppo.record_parameter_grad_norms) {
+      const at::Tensor& norms = trainer.parameter_grad_norms();
+      const auto n = norms.accessor<double, 2>();
+      for (int64_t step = 0; step < norms.size(0); ++step) {
+        grad_norms << s.update << "," << step;
+        for (int64_t k = 0; k < norms.size(1); ++k) grad_norms << "," << n[step][k];
+        grad_norms << "\n";
+      }
+    }
     const bool full_window = s.window_answers >= c.ppo.accuracy_window;
     if (curriculum && memory->delay() < horizon && full_window && s.accuracy >= c.curriculum_threshold) {
       const int64_t from = memory->delay();
@@ -545,7 +566,10 @@ RunResult train(const Config& c, const std::string& controller, int64_t horizon)
     else if (c.time_limit > 0 && seconds + seconds / timed > c.time_limit)  // the next update would pass it
       stop = "time limit of " + duration(c.time_limit);
     const bool last = u + 1 == c.total_updates || !stop.empty();
-    if (last || (u + 1) % c.checkpoint_every == 0 || g_interrupted) trainer.save(checkpoint);
+    if (last || (u + 1) % c.checkpoint_every == 0 || g_interrupted) {
+      trainer.save(checkpoint);
+      if (c.ppo.record_parameter_grad_norms) write_file(grad_norms_path, grad_norms.str());
+    }
     if (!stop.empty()) {
       progress.finish();
       std::cout << result.name << ": stopped after update " << s.update << ": " << stop << std::endl;
