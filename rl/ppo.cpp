@@ -142,7 +142,9 @@ std::vector<std::pair<std::string, double>> UpdateStats::fields() const {
           {"steps_per_second", steps_per_second},
           {"rollout_seconds", rollout_seconds},
           {"window_answers", double(window_answers)},
-          {"episode_length", double(episode_length)}};
+          {"episode_length", double(episode_length)},
+          {"grad_norm_max", grad_norm_max},
+          {"skipped_steps", double(skipped_steps)}};
 }
 
 UpdateStats UpdateStats::from_fields(const std::vector<double>& v) {
@@ -153,19 +155,27 @@ UpdateStats UpdateStats::from_fields(const std::vector<double>& v) {
   s.entropy = v[8], s.approx_kl = v[9], s.clip_frac = v[10], s.grad_norm = v[11], s.first_ratio_dev = v[12];
   s.seconds = v[13], s.steps_per_second = v[14], s.rollout_seconds = v[15];
   s.window_answers = int64_t(v[16]), s.episode_length = int64_t(v[17]);
+  s.grad_norm_max = v[18], s.skipped_steps = int64_t(v[19]);
   return s;
 }
 
 // ---- PPOTrainer ------------------------------------------------------------------------------------
 
 PPOTrainer::PPOTrainer(std::unique_ptr<Env> env, RecurrentPolicy policy, const PPOOptions& options)
-    : env_(std::move(env)), policy_(std::move(policy)), options_(options), stats_(env_->num_envs(), options.accuracy_window) {
+    : env_(std::move(env)),
+      policy_(std::move(policy)),
+      options_(options),
+      spike_guard_(options.skip_grad_spikes, options.grad_spike_window),
+      stats_(env_->num_envs(), options.accuracy_window) {
   const int64_t N = env_->num_envs();
   auto at_least_1 = [](const char* name, int64_t v) { TORCH_CHECK(v >= 1, "ppo: ", name, " must be at least 1, got ", v); };
   at_least_1("rollout_len", options_.rollout_len);
   at_least_1("epochs", options_.epochs);
   at_least_1("minibatches", options_.minibatches);
   at_least_1("grad_chunks", options_.grad_chunks);
+  at_least_1("grad_spike_window", options_.grad_spike_window);
+  TORCH_CHECK(options_.skip_grad_spikes == 0 || options_.skip_grad_spikes > 1, "ppo: skip_grad_spikes must be 0 (off) ",
+              "or a factor above 1 of the median gradient norm, got ", options_.skip_grad_spikes);
   TORCH_CHECK(options_.lr_anneal_updates >= 0, "ppo: lr_anneal_updates must be 0 (constant lr) or positive, got ",
               options_.lr_anneal_updates);
   TORCH_CHECK(N % options_.minibatches == 0, "ppo: minibatches (", options_.minibatches,
@@ -299,7 +309,9 @@ void PPOTrainer::train(const Rollout& r, UpdateStats& stats) {
         parameter_norms.push_back(at::stack(norms));
       }
       const double grad_norm = torch::nn::utils::clip_grad_norm_(policy_->parameters(), o.max_grad_norm);
-      optimizer_->step();
+      stats.grad_norm_max = std::max(stats.grad_norm_max, grad_norm);
+      if (spike_guard_.is_spike(grad_norm)) ++stats.skipped_steps;
+      else optimizer_->step();
       torch::NoGradGuard no_grad;
       logs.push_back(at::stack({policy_loss, value_loss, entropy, ((ratio - 1) - log_ratio).mean(),
                                 ((ratio - 1).abs() > o.clip).to(at::kFloat).mean(),
@@ -311,6 +323,19 @@ void PPOTrainer::train(const Rollout& r, UpdateStats& stats) {
   stats.policy_loss = v[0], stats.value_loss = v[1], stats.entropy = v[2], stats.approx_kl = v[3];
   stats.clip_frac = v[4], stats.grad_norm = v[5];
   if (o.record_parameter_grad_norms) parameter_grad_norms_ = at::stack(parameter_norms).cpu();
+}
+
+bool GradSpikeGuard::is_spike(double norm) {
+  if (factor_ <= 0) return false;
+  bool spike = !std::isfinite(norm);
+  if (!spike && static_cast<int64_t>(recent_.size()) * 5 >= window_) {  // a fifth of the window is a median
+    std::vector<double> sorted(recent_.begin(), recent_.end());
+    std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+    spike = norm > factor_ * sorted[sorted.size() / 2];
+  }
+  if (std::isfinite(norm)) recent_.push_back(norm);
+  while (static_cast<int64_t>(recent_.size()) > window_) recent_.pop_front();
+  return spike;
 }
 
 UpdateStats PPOTrainer::update() {
@@ -381,6 +406,7 @@ void PPOTrainer::save(const std::string& path) const {
   root.write("first", first_);
   root.write("env_steps", c10::IValue(env_steps_));
   root.write("carried", c10::IValue(static_cast<int64_t>(carried_.size())));
+  root.write("recent_grad_norms", at::tensor(spike_guard_.recent(), at::kDouble));
   for (size_t k = 0; k < carried_.size(); ++k) {
     const std::string prefix = "carried." + std::to_string(k) + ".";
     root.write(prefix + "obs", carried_[k].obs);
@@ -415,6 +441,10 @@ void PPOTrainer::load(const std::string& path) {
                                {"grad_chunks", options_.grad_chunks}};
   TORCH_CHECK(meta == want, "checkpoint ", path, " is for another setup: it has ", meta.dump(), ", this run is ",
               want.dump());
+  const at::Tensor t = read_tensor(root, "history").cpu().contiguous();  // checked before anything is changed
+  const auto columns = static_cast<int64_t>(UpdateStats().fields().size());
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == columns, "checkpoint ", path, " was written by another version: it has ",
+              t.dim() == 2 ? t.size(1) : -1, " statistics per update, this program keeps ", columns);
   root.read("policy", policy);
   root.read("optimizer", optimizer);
   root.read("env", env);
@@ -445,7 +475,7 @@ void PPOTrainer::load(const std::string& path) {
     read_states(prefix, c.state0);
     carried_.push_back(std::move(c));
   }
-  const at::Tensor t = read_tensor(root, "history").cpu().contiguous();
+  spike_guard_.set_recent(to_vector(read_tensor(root, "recent_grad_norms").cpu()));
   history_.clear();
   for (int64_t u = 0; u < t.size(0); ++u) history_.push_back(UpdateStats::from_fields(to_vector(t[u])));
 }

@@ -42,6 +42,12 @@ struct PPOOptions {
   double value_coef = 0.5;
   double entropy_coef = 0.01;
   double max_grad_norm = 0.5;
+  // > 0: a gradient step whose norm (before clipping) is more than this many times the median of
+  // the last grad_spike_window steps' norms, or not finite, is skipped: parameters and Adam's
+  // moments stay as they were. Clipping alone keeps a spike's direction, and Adam then moves the
+  // few parameters it sits in by whole learning rates. 0: every step is taken.
+  double skip_grad_spikes = 0;
+  int64_t grad_spike_window = 100;  // steps; the guard acts once it has seen a fifth of them
   bool normalize_advantages = true;
   // Replay one step at a time (bit-exact with the rollout) or the whole chunk in one pass (faster,
   // equal to rounding).
@@ -109,7 +115,9 @@ struct UpdateStats {
   int64_t answers = 0, episodes = 0;  // totals so far
   int64_t window_answers = 0;         // the answers `accuracy` is over (at most the window)
   int64_t episode_length = 0;         // of the episodes starting after this update (a curriculum's stage)
-  double policy_loss = 0, value_loss = 0, entropy = 0, approx_kl = 0, clip_frac = 0, grad_norm = 0;
+  double policy_loss = 0, value_loss = 0, entropy = 0, approx_kl = 0, clip_frac = 0;
+  double grad_norm = 0, grad_norm_max = 0;  // mean and largest over the update's gradient steps, before clipping
+  int64_t skipped_steps = 0;                // gradient steps skipped as spikes (PPOOptions::skip_grad_spikes)
   double first_ratio_dev = 0;  // max |ratio - 1| of the first minibatch before its gradient step
   double seconds = 0, steps_per_second = 0;
   double rollout_seconds = 0;  // of `seconds`: collecting the chunk (env, policy steps, sampling)
@@ -117,6 +125,22 @@ struct UpdateStats {
   // Every field by name, in a fixed order (the CSV columns); from_fields inverts it.
   std::vector<std::pair<std::string, double>> fields() const;
   static UpdateStats from_fields(const std::vector<double>& values);
+};
+
+// PPOOptions::skip_grad_spikes: whether a gradient step of a given norm is a spike, against the
+// median of the last `window` norms seen (spikes included: should the norms settle higher for good,
+// the median follows and steps resume). A non-finite norm is always one; factor 0 never sees any.
+class GradSpikeGuard {
+ public:
+  GradSpikeGuard(double factor, int64_t window) : factor_(factor), window_(window) {}
+  bool is_spike(double norm);  // and remembers the norm
+  std::vector<double> recent() const { return {recent_.begin(), recent_.end()}; }  // for checkpoints
+  void set_recent(const std::vector<double>& norms) { recent_.assign(norms.begin(), norms.end()); }
+
+ private:
+  double factor_;
+  int64_t window_;
+  std::deque<double> recent_;
 };
 
 class PPOTrainer {
@@ -142,6 +166,7 @@ class PPOTrainer {
   const PPOOptions& options() const { return options_; }
   const std::vector<UpdateStats>& history() const { return history_; }
   const std::vector<RecurrentState>& states() const { return states_; }
+  const GradSpikeGuard& spike_guard() const { return spike_guard_; }
   int64_t group_size() const { return group_size_; }
   // With record_parameter_grad_norms: the last update's norms, [epochs * minibatches, P] float64 on
   // the CPU, one row per gradient step, columns in the order of parameter_names().
@@ -170,6 +195,7 @@ class PPOTrainer {
   std::vector<RecurrentState> states_;  // per group
   at::Tensor first_;                    // [N] bool: the current observation starts an episode
   std::deque<Carried> carried_;
+  GradSpikeGuard spike_guard_;
   EpisodeStats stats_;
   int64_t env_steps_ = 0;
   std::vector<UpdateStats> history_;

@@ -655,6 +655,51 @@ TEST(RlPpo, AnnealedLearningRateStopsAtZero) {
   expect_error([&] { make_trainer("gru", o); }, {"lr_anneal_updates must be 0 (constant lr) or positive, got -1"});
 }
 
+TEST(RlPpo, GradSpikeGuardSkipsNormsFarAboveTheRecentMedian) {
+  rl::GradSpikeGuard guard(/*factor=*/10, /*window=*/20);
+  for (double n : {1.0, 2.0, 0.5}) EXPECT_FALSE(guard.is_spike(100 * n)) << "fewer than a fifth of the window seen";
+  for (int i = 0; i < 7; ++i) EXPECT_FALSE(guard.is_spike(1.0 + 0.1 * i));
+  EXPECT_FALSE(guard.is_spike(11.0));  // the median of the 10 seen is 1.5
+  EXPECT_TRUE(guard.is_spike(16.0));   // of the 11 seen, still 1.5
+  EXPECT_TRUE(guard.is_spike(std::nan("")));
+  EXPECT_TRUE(guard.is_spike(INFINITY));
+  EXPECT_EQ(guard.recent().size(), 12u) << "non-finite norms are not remembered";
+  // Norms that settle 100x higher are spikes only until they are the median of the window.
+  int skipped = 0;
+  for (int i = 0; i < 40; ++i) skipped += guard.is_spike(150.0);
+  EXPECT_EQ(skipped, 4) << "until the median is 16, with 16 of the 20 norms seen";
+  EXPECT_EQ(guard.recent().size(), 20u);
+  rl::GradSpikeGuard copy(10, 20);
+  copy.set_recent(guard.recent());
+  EXPECT_EQ(copy.is_spike(2000.0), guard.is_spike(2000.0));
+  rl::GradSpikeGuard off(0, 20);
+  for (int i = 0; i < 10; ++i) EXPECT_FALSE(off.is_spike(i == 9 ? 1e9 : 1.0));
+}
+
+// A skipped step changes nothing; a taken one does. One gradient step per update, and a guard that
+// calls a step a spike as soon as its norm is above the previous one's.
+TEST(RlPpo, SkippedGradientStepsLeaveTheWeightsAlone) {
+  rl::PPOOptions o = small_ppo();
+  o.epochs = 1, o.minibatches = 1, o.skip_grad_spikes = 1.0001, o.grad_spike_window = 1;
+  rl::PPOTrainer trainer = make_trainer("mamba", o);
+  int skipped = 0, taken = 0;
+  for (int u = 0; u < 10; ++u) {
+    std::vector<at::Tensor> before;
+    for (const auto& p : trainer.policy()->parameters()) before.push_back(p.detach().clone());
+    const rl::UpdateStats s = trainer.update();
+    EXPECT_EQ(s.grad_norm_max, s.grad_norm) << "one step per update";
+    bool same = true;
+    const auto after = trainer.policy()->parameters();
+    for (size_t i = 0; i < after.size(); ++i) same = same && at::equal(before[i], after[i]);
+    EXPECT_EQ(same, s.skipped_steps == 1) << "update " << s.update;
+    (s.skipped_steps ? skipped : taken) += 1;
+  }
+  EXPECT_GT(skipped, 0);
+  EXPECT_GT(taken, 1);
+  o.skip_grad_spikes = 0.5;
+  expect_error([&] { make_trainer("gru", o); }, {"skip_grad_spikes must be 0 (off) or a factor above 1", "got 0.5"});
+}
+
 // The per-parameter norms are the pieces of the total: with one gradient step per update, their
 // root sum of squares is the update's (unclipped) grad_norm; with more, one row per step.
 TEST(RlPpo, ParameterGradNormsAddUpToTheTotal) {
@@ -727,16 +772,24 @@ TEST(RlPpo, ResumeEqualsUninterrupted) {
     rl::PPOOptions o = small_ppo();
     o.grad_chunks = 2;         // the carried chunk is part of what must be saved
     o.lr_anneal_updates = 6;   // and the learning rate's schedule must go on where it was
+    o.skip_grad_spikes = 1.01, o.grad_spike_window = 3;  // and the spike guard's recent norms
     rl::PPOTrainer straight = make_trainer(controller, o);
     for (int u = 0; u < 4; ++u) straight.update();
+    std::vector<double> guard_norms;
+    int64_t skipped = 0;
+    for (const auto& s : straight.history()) skipped += s.skipped_steps;
+    EXPECT_GT(skipped, 0) << "the guard must act for this to test it";
 
     {
       rl::PPOTrainer first = make_trainer(controller, o);
       for (int u = 0; u < 2; ++u) first.update();
       first.save(dir.file("ckpt.pt"));
+      guard_norms = first.spike_guard().recent();
     }
     rl::PPOTrainer resumed = make_trainer(controller, o, 8, 5, /*seed=*/12345);  // everything comes from the file
     resumed.load(dir.file("ckpt.pt"));
+    EXPECT_EQ(resumed.spike_guard().recent(), guard_norms);
+    EXPECT_EQ(guard_norms.size(), 3u);
     for (int u = 0; u < 2; ++u) resumed.update();
 
     const auto a = straight.policy()->named_parameters(), b = resumed.policy()->named_parameters();
