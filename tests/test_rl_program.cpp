@@ -70,7 +70,7 @@ TEST_F(RlProgram, HelpListsEveryGroupOfFlags) {
   EXPECT_EQ(r.status, 0) << r.err;
   for (const char* flag : {"--mode", "--controller", "--horizon", "--curriculum", "--curriculum-factor",
                            "--curriculum-threshold", "--num-bits", "--dt-min", "--rollout-len", "--grad-chunks",
-                           "--resume", "--cuda-graph"})
+                           "--resume", "--cuda-graph", "--grad-norms", "--skip-grad-spikes", "--advantage-norm"})
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag << " is not in --help:\n" << r.out;
 }
 
@@ -90,6 +90,8 @@ TEST_F(RlProgram, BadFlagsNameTheFlagAndExit2) {
       {{"--horizon", "abc"}, "Argument ‘abc’ failed to parse (the value of --horizon)"},
       {{"--stop-at=x"}, "(the value of --stop-at)"},
       {{"--no-such-flag"}, "no-such-flag"},
+      {{"--skip-grad-spikes", "0.5"}, "--skip-grad-spikes must be 0 (off) or a factor in (1, 1e6], got 0.5"},
+      {{"--advantage-norm", "max"}, "--advantage-norm must be one of std, off, got 'max'"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> args = c.args;
@@ -104,8 +106,17 @@ TEST_F(RlProgram, BadFlagsNameTheFlagAndExit2) {
 
 TEST_F(RlProgram, CurriculumGrowsTheDelayToTheTaskAskedFor) {
   const std::string out = dir_.file("curriculum");
-  const ProgramResult r = rl(curriculum_run(out, 40));
+  std::vector<std::string> args = curriculum_run(out, 40);
+  args.push_back("--grad-norms");
+  const ProgramResult r = rl(args);
   ASSERT_EQ(r.status, 0) << r.out << r.err;
+  // --grad-norms: a row per gradient step (4 epochs x 2 minibatches per update), a column per parameter.
+  const Csv norms = read_csv(out + "/mamba-h6-grad-norms.csv");
+  ASSERT_EQ(norms.rows.size(), 40u * 8u);
+  ASSERT_GE(norms.header.size(), 4u);
+  EXPECT_EQ(norms.header[0] + "," + norms.header[1] + "," + norms.header[2], "update,step,encoder.weight");
+  EXPECT_EQ(norms.rows.back()[0] + "," + norms.rows.back()[1], "40,7");
+  for (const auto& row : norms.rows) ASSERT_EQ(row.size(), norms.header.size());
   EXPECT_NE(r.out.find("at delay 1 after update"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("the delay is now 2"), std::string::npos) << r.out;
 

@@ -201,6 +201,8 @@ cxxopts::Options make_cli() {
       ("value-coef", "value loss weight", cxxopts::value<double>()->default_value("0.5"))
       ("entropy-coef", "entropy bonus weight", cxxopts::value<double>()->default_value("0.01"))
       ("max-grad-norm", "gradient clipping norm", cxxopts::value<double>()->default_value("0.5"))
+      ("advantage-norm", "std (each minibatch's advantages to mean 0 and std 1, PPO's usual) or off",
+       cxxopts::value<std::string>()->default_value("std"))
       ("skip-grad-spikes", "skip a gradient step whose norm is more than this many times the median of the last 100 "
        "(0: off). Clipping keeps a spike's direction; Adam then moves the few parameters it sits in a long way",
        cxxopts::value<double>()->default_value("0"))
@@ -308,6 +310,7 @@ Config parse(const cxxopts::ParseResult& args) {
   p.value_coef = in_range("value-coef", 0, 1e3);
   p.entropy_coef = in_range("entropy-coef", 0, 1e3);
   p.max_grad_norm = in_range("max-grad-norm", 1e-6, 1e6);
+  p.normalize_advantages = one_of("advantage-norm", {"std", "off"}) == "std";
   p.skip_grad_spikes = args["skip-grad-spikes"].as<double>();
   if (!(p.skip_grad_spikes == 0 || (p.skip_grad_spikes > 1 && p.skip_grad_spikes <= 1e6)))
     usage_error("--skip-grad-spikes must be 0 (off) or a factor in (1, 1e6], got " + std::to_string(p.skip_grad_spikes));
@@ -381,6 +384,7 @@ json config_json(const Config& c, const std::string& controller, int64_t horizon
           {"entropy_coef", p.entropy_coef},
           {"max_grad_norm", p.max_grad_norm},
           {"skip_grad_spikes", p.skip_grad_spikes},
+          {"advantage_norm", p.normalize_advantages ? "std" : "off"},
           {"replay", p.stepwise_replay ? "step" : "chunk"},
           {"grad_chunks", p.grad_chunks},
           {"accuracy_window", p.accuracy_window},
