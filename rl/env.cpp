@@ -125,7 +125,17 @@ EnvStep DelayedMemoryEnv::step(const at::Tensor& actions) {
 void DelayedMemoryEnv::set_delay(int64_t delay) {
   TORCH_CHECK(delay >= 0 && delay <= task_delay_, "memory env: the delay must be in [0, ", task_delay_,
               "] (the task's), got ", delay);
+  if (delay + 2 == length_) return;
   length_ = delay + 2;
+  // Stagger the new stage. Were the episodes under way to keep their lengths, every environment
+  // would begin it within one old episode of the others; a few doublings later they all answer in
+  // the same step, and the rollout chunks between carry no reward at all (PPO then normalises pure
+  // value noise into advantages). So each episode under way ends after 1..length_ more steps,
+  // uniformly, its query moved there, and the current observation is made again: where it was a
+  // query it is now a delay step.
+  const at::Tensor more = at::randint(1, length_ + 1, {num_envs_}, gen_, long_opts());
+  lengths_.copy_(phase_ + 1 + more);
+  obs_.copy_(make_obs());
 }
 
 at::Tensor DelayedMemoryEnv::answer() const {

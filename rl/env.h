@@ -120,7 +120,9 @@ class DelayedMemoryEnv : public EpisodicEnv {
   // The whole step in one pass (rl/kernels.h), drawing the same random numbers as EpisodicEnv::step.
   EnvStep step(const at::Tensor& actions) override;
   // A horizon curriculum's knob: episodes that start from now on have this delay (at most the
-  // task's); those under way keep theirs. Saved with the environment.
+  // task's). Episodes under way end after a uniformly random 1..delay + 2 more steps, so that the
+  // new stage's episodes are staggered too (their delay changes, their bits do not), and the
+  // current observation is made again (a query in it moved on). Saved with the environment.
   void set_delay(int64_t delay);
   int64_t delay() const { return length_ - 2; }  // of episodes that start now
   int64_t task_delay() const { return task_delay_; }

@@ -1,6 +1,8 @@
 // rl/: environment semantics, recurrent-state resets, exact replay of stored chunks, GAE, learning,
 // checkpoint/resume, and the PNG plot writer. CPU only.
 #include <gtest/gtest.h>
+
+#include <numeric>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -139,6 +141,37 @@ TEST(RlEnv, MemoryStepKernelNamesTheBadArgument) {
   expect_error([&] { env.set_delay(-1); }, {"delay must be in [0, 3]", "-1"});
   expect_error([&] { env.set_delay(4); }, {"delay must be in [0, 3] (the task's)", "got 4"});
   expect_error([&] { rl::DelayedMemoryEnv(4, 2, 3, false, torch::kCPU, 0, 5); }, {"first delay (5)", "the task's (3)"});
+}
+
+// A curriculum's stages stay staggered. Were episodes under way to keep their lengths, 512
+// environments that start within 3 steps of each other (delay 1) would still answer within 3
+// steps of each other after the delay grew to 62: all of them in a few steps of every 64. (With
+// the current queries kept, a third of them would: this steps whole episodes between stages.)
+TEST(RlEnv, CurriculumStagesStayStaggered) {
+  const int64_t N = 512;
+  rl::DelayedMemoryEnv env(N, 1, 62, false, torch::kCPU, 3, /*start_delay=*/1);
+  const at::Tensor actions = at::zeros({N}, at::kLong);
+  for (int t = 0; t < 7; ++t) env.step(actions);
+  for (int64_t delay : {6, 14, 30, 62}) {
+    const at::Tensor phase = env.phase().clone(), lengths = env.lengths().clone();
+    env.set_delay(delay);
+    EXPECT_EQ(env.episode_length(), delay + 2);
+    EXPECT_TRUE(env.phase().equal(phase)) << "the episodes go on where they were";
+    const at::Tensor more = env.lengths() - phase - 1;
+    EXPECT_GE(more.min().item<int64_t>(), 1);
+    EXPECT_LE(more.max().item<int64_t>(), delay + 2);
+    // The observation is made again: no query flag now (a query moved on), the start flags kept.
+    EXPECT_EQ(env.observe().select(1, 2).sum().item<float>(), 0.0f);
+    EXPECT_TRUE(at::equal(env.observe().select(1, 1), (phase == 0).to(at::kFloat)));
+    for (int64_t t = 0; t < 2 * (delay + 2); ++t) env.step(actions);
+  }
+  // Every episode now has the task's length; episodes end in every step of a period, about
+  // N / 64 = 8 of them each, as in the staggered start.
+  std::vector<int64_t> ends;
+  for (int t = 0; t < 64; ++t) ends.push_back(env.step(actions).done.sum().item<int64_t>());
+  EXPECT_EQ(std::accumulate(ends.begin(), ends.end(), int64_t{0}), N);
+  EXPECT_LE(*std::max_element(ends.begin(), ends.end()), 24) << "bunched episode ends: " << at::tensor(ends);
+  EXPECT_LE(std::count(ends.begin(), ends.end(), 0), 4) << "steps without any episode ending";
 }
 
 TEST(RlEnv, DelayedMemoryDistractors) {
