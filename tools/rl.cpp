@@ -204,8 +204,9 @@ cxxopts::Options make_cli() {
       ("advantage-norm", "std (each minibatch's advantages to mean 0 and std 1, PPO's usual) or off",
        cxxopts::value<std::string>()->default_value("std"))
       ("skip-grad-spikes", "skip a gradient step whose norm is more than this many times the median of the last 100 "
-       "(0: off). Clipping keeps a spike's direction; Adam then moves the few parameters it sits in a long way",
-       cxxopts::value<double>()->default_value("0"))
+       "(0: off). Clipping keeps a spike's direction; Adam then moves the few parameters it sits in (Mamba's "
+       "selection path: conv1d, x_proj, dt_proj) a long way, and the runs fell after such spikes",
+       cxxopts::value<double>()->default_value("10"))
       ("replay", "how the update replays a chunk: chunk (one pass, ~3x faster on CPU; logits equal the "
        "rollout's to rounding) or step (one step at a time; bit-exact, the PPO ratio is exactly 1)",
        cxxopts::value<std::string>()->default_value("chunk"))
