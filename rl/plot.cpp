@@ -213,7 +213,8 @@ void plot_lines(const std::string& path, const std::vector<Series>& series, cons
   }
   img.line(left, top, left, bottom, kBlack, 2);
   img.line(left, bottom, right, bottom, kBlack, 2);
-  img.text((left + right - Image::text_width(o.title, kScale)) / 2, 12, o.title, kBlack, kScale);
+  // Centred over the plot, but never off the image's left edge (a long title beside a wide legend).
+  img.text(std::max(8, (left + right - Image::text_width(o.title, kScale)) / 2), 12, o.title, kBlack, kScale);
   img.text(left - Image::text_width(o.y_label, kScale) / 2, top - char_h - 10, o.y_label, kBlack, kScale);
   img.text((left + right - Image::text_width(o.x_label, kScale)) / 2, o.height - 10 - char_h, o.x_label, kBlack, kScale);
 
