@@ -847,6 +847,47 @@ TEST(RlPpo, CheckpointOfAnotherSetupIsRefused) {
   rl::PPOTrainer b = make_trainer("gru", small_ppo(), 8, /*delay=*/6);
   expect_error([&] { b.load(dir.file("ckpt.pt")); }, {"is for another setup", "delay=5", "delay=6"});
   expect_error([&] { b.load(dir.file("missing.pt")); }, {"cannot read", "missing.pt"});
+
+  // A checkpoint of the same setup with fewer statistics per update (as an older version wrote):
+  // refused by name before anything is loaded, the trainer left as it was.
+  a.update();
+  a.save(dir.file("ckpt.pt"));
+  torch::serialize::InputArchive in;
+  in.load_from(dir.file("ckpt.pt"));
+  std::function<void(torch::serialize::InputArchive&, torch::serialize::OutputArchive&)> copy =
+      [&](torch::serialize::InputArchive& from, torch::serialize::OutputArchive& to) {
+        for (const auto& key : from.keys()) {
+          torch::serialize::InputArchive child;
+          at::Tensor tensor;
+          c10::IValue value;
+          if (from.try_read(key, child)) {
+            torch::serialize::OutputArchive out_child;
+            copy(child, out_child);
+            to.write(key, out_child);
+          } else if (key == "history" && from.try_read(key, tensor)) {
+            to.write(key, tensor.narrow(1, 0, tensor.size(1) - 2).contiguous());
+          } else if (from.try_read(key, tensor)) {
+            to.write(key, tensor);
+          } else {
+            ASSERT_TRUE(from.try_read(key, value)) << key;
+            to.write(key, value);
+          }
+        }
+      };
+  torch::serialize::OutputArchive old;
+  copy(in, old);
+  old.save_to(dir.file("old.pt"));
+  rl::PPOTrainer c = make_trainer("gru", small_ppo());
+  const auto before = c.policy()->named_parameters();
+  std::vector<at::Tensor> weights;
+  for (const auto& item : before) weights.push_back(item.value().detach().clone());
+  expect_error([&] { c.load(dir.file("old.pt")); },
+               {"was written by another version", "it has 18 statistics per update, this program keeps 20"});
+  EXPECT_TRUE(c.history().empty());
+  size_t i = 0;
+  for (const auto& item : c.policy()->named_parameters()) EXPECT_TRUE(at::equal(item.value(), weights[i++])) << item.key();
+  c.load(dir.file("ckpt.pt"));  // the untouched copy loads
+  EXPECT_EQ(c.history().size(), 1u);
 }
 
 // ---- rollout throughput stepper --------------------------------------------------------------------

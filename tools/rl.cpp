@@ -6,8 +6,9 @@
 //   statemamba-rl --mode scale --num-bits 4 --num-envs 64 --horizons 1000 5000 10000 20000
 //   statemamba-rl --mode throughput --num-envs 1024 --cuda-graph   # rollout env-steps/s, no learning
 //
-// Writes into --out (default out/rl): per run <controller>-h<horizon>.csv and .json (every update's statistics) and
-// checkpoint-<controller>-h<horizon>.pt (with --grad-norms also <controller>-h<horizon>-grad-norms.csv); accuracy.png (accuracy against updates, one curve per
+// Writes into --out (default out/rl): per run <controller>-h<horizon>.csv and .json (every update's
+// statistics) and checkpoint-<controller>-h<horizon>.pt (with --grad-norms also
+// <controller>-h<horizon>-grad-norms.csv); accuracy.png (accuracy against updates, one curve per
 // run); in scale mode results.md and results.csv; in throughput mode throughput.json (also printed).
 // --resume continues from the checkpoints.
 #include <sys/stat.h>
